@@ -1,0 +1,3 @@
+#include "cuda_step.cuh"
+
+FUSEDOPT_REGISTER_CUDA(adamax_)

@@ -1,0 +1,38 @@
+"""Loads the compiled ops (``torch.ops.fusedopt.*``) and registers their fake kernels.
+
+Importing fusedopt never breaks a training script: when the extension is missing, every Fused* optimizer
+runs torch.optim's own implementation, and this module warns once.
+"""
+import warnings
+
+import torch
+
+OP_NAMES = ("sgd_", "adam_", "adagrad_", "adadelta_", "adamax_", "rmsprop_")
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.fusedopt)
+
+    EXTENSION_AVAILABLE = True
+    EXTENSION_ERROR = None
+except ImportError as error:  # not built, or built against another torch
+    EXTENSION_AVAILABLE = False
+    EXTENSION_ERROR = error
+    warnings.warn(
+        f"fusedopt: the compiled extension could not be loaded ({error}); the Fused* optimizers fall back to "
+        "torch.optim's own (unfused) implementations. Reinstall fusedopt to build it.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+if EXTENSION_AVAILABLE:
+    # The ops only mutate their inputs, so tracing (FakeTensor, torch.compile) needs no shape logic.
+    for _name in OP_NAMES:
+        torch.library.register_fake(f"fusedopt::{_name}")(lambda *args, **kwargs: None)
+
+
+def op(name):
+    return getattr(torch.ops.fusedopt, name)
+
+
+def table_words(num_tensors, num_groups):
+    return torch.ops.fusedopt.table_words(num_tensors, num_groups)
