@@ -71,4 +71,8 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch"],
+    extras_require={
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm"],
+    },
 )

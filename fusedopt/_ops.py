@@ -8,6 +8,7 @@ import warnings
 import torch
 
 OP_NAMES = ("sgd_", "adam_", "adagrad_", "adadelta_", "adamax_", "rmsprop_")
+HYPER_SLOTS = 5  # hyperparameters per param group: kMaxHyper in csrc/update_rules.h
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.fusedopt)

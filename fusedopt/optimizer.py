@@ -192,7 +192,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 lrs.append(None)
                 values[0] = float(lr)
             hyper.extend(float(v) for v in values)
-            hyper.extend([0.0] * (5 - len(values)))
+            hyper.extend([0.0] * (_ops.HYPER_SLOTS - len(values)))
         return hyper, lrs
 
     def _op_arguments(self, launch):

@@ -1,0 +1,122 @@
+"""The op layer: registration, schemas (torch.library.opcheck), the build, and the table cache."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import _ops
+
+from conftest import DEVICES
+
+# One option set per compiled variant family, several param groups, awkward sizes.
+OP_CASES = [
+    (fusedopt.FusedSGD, dict(lr=0.1)),
+    (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    (fusedopt.FusedAdam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
+    (fusedopt.FusedAdamW, dict(lr=0.01)),
+    (fusedopt.FusedAdagrad, dict(lr=0.1, lr_decay=0.01)),
+    (fusedopt.FusedAdadelta, dict(lr=1.0)),
+    (fusedopt.FusedAdamax, dict(lr=0.01, maximize=True)),
+    (fusedopt.FusedRMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
+]
+
+
+def test_extension_is_loaded():
+    # CI must test the compiled kernels, never the torch fallback.
+    assert fusedopt.EXTENSION_AVAILABLE, f"fusedopt._C failed to load: {_ops.EXTENSION_ERROR}"
+
+
+def _cuda_build_expected():
+    return (torch.version.cuda is not None and shutil.which("nvcc") is not None
+            and os.environ.get("FUSEDOPT_CPU_ONLY", "0") != "1")
+
+
+@pytest.mark.parametrize("name", _ops.OP_NAMES)
+def test_kernels_registered_for_every_built_device(name):
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has_kernel(f"fusedopt::{name}", "CPU")
+    if _cuda_build_expected():  # a CUDA kernel that did not compile must fail CI, GPU or not
+        assert has_kernel(f"fusedopt::{name}", "CUDA")
+
+
+def _optimizer_with_grads(cls, options, device, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(1,), (4097,), (0, 3), (3, 5)]
+    params = [torch.randn(s, generator=generator, dtype=dtype).to(device).requires_grad_() for s in shapes]
+    optimizer = cls([{"params": params[:2]}, {"params": params[2:], "lr": options["lr"] / 2}], **options)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator, dtype=dtype).to(device)
+    return optimizer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls,options", OP_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_opcheck(cls, options, device):
+    optimizer = _optimizer_with_grads(cls, options, device)
+    invocations = optimizer._op_invocations()
+    assert len(invocations) == 1  # one launch for all groups of one device and dtype
+    op, args = invocations[0]
+    # Params are leaves that require grad; the op, like torch's fused optimizer ops, runs outside autograd.
+    args = tuple([t.detach() for t in a] if isinstance(a, list) and a and torch.is_tensor(a[0]) and a[0].requires_grad
+                 else a for a in args)
+    torch.library.opcheck(op, args)
+
+
+def test_lists_of_wrong_length_are_rejected_before_any_write():
+    optimizer = _optimizer_with_grads(fusedopt.FusedAdam, dict(lr=0.01), "cpu")
+    op, args = optimizer._op_invocations()[0]
+    params = [p.detach().clone() for p in args[0]]
+    with pytest.raises(RuntimeError, match="grads"):
+        op(args[0], args[1][:-1], *args[2:])
+    assert all(torch.equal(a, b) for a, b in zip(params, args[0]))
+
+
+def test_table_is_rewritten_only_when_pointers_or_hyperparameters_change():
+    optimizer = _optimizer_with_grads(fusedopt.FusedAdam, dict(lr=0.01), "cpu")
+    optimizer.step()
+    launch = optimizer._plan.launches[0]
+    table = launch.host_table.clone()
+    for p in optimizer.param_groups[0]["params"]:
+        p.grad.normal_()  # same storage: same table
+    optimizer.step()
+    assert torch.equal(table, launch.host_table)
+    optimizer.param_groups[1]["lr"] = 0.5  # a hyperparameter change reaches the table
+    optimizer.step()
+    assert not torch.equal(table, launch.host_table)
+    assert optimizer._plan.launches[0] is launch  # ... without rebuilding the plan
+
+
+def test_groups_with_different_options_share_device_tables_per_option_set():
+    params = [torch.randn(8, requires_grad=True) for _ in range(4)]
+    optimizer = fusedopt.FusedSGD([{"params": params[:2], "momentum": 0.9}, {"params": params[2:]}], lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    assert len(optimizer._op_invocations()) == 2  # momentum and plain SGD are different kernels
+
+
+def test_missing_extension_warns_once_and_falls_back_to_torch():
+    # A fresh interpreter where fusedopt._C cannot be imported, as on a machine where the build failed.
+    code = """
+import sys, warnings
+sys.modules["fusedopt._C"] = None
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fusedopt
+    import fusedopt.optimizers
+import torch
+assert not fusedopt.EXTENSION_AVAILABLE
+assert len([w for w in caught if "fusedopt" in str(w.message)]) == 1, [str(w.message) for w in caught]
+torch.manual_seed(0)
+a = torch.randn(10, requires_grad=True); b = a.detach().clone().requires_grad_()
+fused, ref = fusedopt.FusedAdam([a], lr=0.1), torch.optim.Adam([b], lr=0.1)
+for _ in range(3):
+    g = torch.randn(10); a.grad = g.clone(); b.grad = g.clone(); fused.step(); ref.step()
+assert torch.equal(a, b)
+print("fallback ok")
+"""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "fallback ok" in result.stdout, result.stderr
