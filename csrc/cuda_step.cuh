@@ -127,20 +127,35 @@ int64_t resident_blocks(Kernel kernel, c10::DeviceIndex device) {
   return blocks;
 }
 
+// Copies the host table to the device, asynchronously.
+inline void upload_table(PreparedStep& prepared, cudaStream_t stream) {
+  const TableHeader& header = prepared.host.header();
+  const int64_t bytes = table_words(header.num_tensors, header.num_groups) * int64_t(sizeof(int64_t));
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    // The graph's copy node reads its source at every replay, so the source must outlive the graph: the pinned
+    // host table that the optimizer owns, which keeps this table until a later eager step changes it.
+    TORCH_CHECK(prepared.host_table.is_pinned(),
+                "fusedopt: capturing a step whose tensor table changed needs a pinned host_table");
+    C10_CUDA_CHECK(cudaMemcpyAsync(prepared.device_table.data_ptr(), prepared.host.base, bytes,
+                                   cudaMemcpyHostToDevice, stream));
+    return;
+  }
+  // Eager: copy through a fresh pinned block, which the caching host allocator keeps alive until the copy has
+  // run, so the next step may rewrite the host table at once without waiting for the device.
+  at::Tensor staging = at::empty({bytes / int64_t(sizeof(int64_t))}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::memcpy(staging.data_ptr(), prepared.host.base, bytes);
+  prepared.device_table.copy_(staging, /*non_blocking=*/true);
+}
+
 struct CudaRunner {
   template <typename scalar_t, typename Rule>
   static void run(PreparedStep& prepared) {
     const c10::cuda::CUDAGuard guard(prepared.device);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(prepared.device.index());
     const TableHeader& header = prepared.host.header();
-    if (prepared.table_changed) {
-      // Asynchronous upload through a fresh pinned block: the caching host allocator keeps it alive until the
-      // copy has run, while the host table itself may be rewritten by the next step before then.
-      const int64_t words = table_words(header.num_tensors, header.num_groups);
-      at::Tensor staging = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-      std::memcpy(staging.data_ptr(), prepared.host.base, words * sizeof(int64_t));
-      prepared.device_table.copy_(staging, /*non_blocking=*/true);
-    }
+    if (prepared.table_changed) upload_table(prepared, stream);
     auto kernel = fused_step_kernel<scalar_t, Rule>;
     const int64_t blocks =
         std::max<int64_t>(1, std::min<int64_t>(header.num_chunks, resident_blocks(kernel, prepared.device.index())));

@@ -1,7 +1,6 @@
 // Op schemas, the host-side preparation every launch shares (validation, dense layouts, the table cache), and
 // the CPU kernel: one parallel region over the same (tensor, chunk) work items the CUDA grid walks.
 #include <ATen/Parallel.h>
-#include <Python.h>
 
 #include <algorithm>
 #include <cstring>
@@ -118,6 +117,7 @@ PreparedStep prepare_step(const StepInputs& in) {
   prepared.empty = false;
   prepared.dtype = in.params[0].scalar_type();
   prepared.device = in.params[0].device();
+  prepared.host_table = in.host_table;
   prepared.host = TableView{in.host_table.data_ptr<int64_t>()};
   if (!prepared.device.is_cpu()) prepared.device_table = in.device_table;
 
@@ -283,9 +283,3 @@ TORCH_LIBRARY(fusedopt, m) {
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { register_impls<CpuRunner>(m); }
 
 }  // namespace fusedopt
-
-// Importing fusedopt._C registers the ops above; the module itself exposes nothing (extension-cpp style).
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}

@@ -37,7 +37,8 @@ struct PreparedStep {
   bool empty = true;          // no tensors: nothing to launch
   at::ScalarType dtype = at::kFloat;
   at::Device device = at::kCPU;
-  TableView host{nullptr};    // the table as written by the host
+  at::Tensor host_table;      // the table as written by the host (pinned for CUDA params)
+  TableView host{nullptr};    // typed view of host_table
   at::Tensor device_table;    // the device copy (undefined for CPU params)
   bool table_changed = false; // the device copy must be refreshed before the launch
   // Tensors the kernel cannot update in place (a layout it cannot walk linearly) are updated through a dense

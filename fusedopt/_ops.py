@@ -11,7 +11,7 @@ OP_NAMES = ("sgd_", "adam_", "adagrad_", "adadelta_", "adamax_", "rmsprop_")
 HYPER_SLOTS = 5  # hyperparameters per param group: kMaxHyper in csrc/update_rules.h
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.fusedopt)
+    from . import _C  # registers torch.ops.fusedopt
 
     EXTENSION_AVAILABLE = True
     EXTENSION_ERROR = None
@@ -29,6 +29,15 @@ if EXTENSION_AVAILABLE:
     # The ops only mutate their inputs, so tracing (FakeTensor, torch.compile) needs no shape logic.
     for _name in OP_NAMES:
         torch.library.register_fake(f"fusedopt::{_name}")(lambda *args, **kwargs: None)
+
+
+def cached_call(op_name, args, grad_sources):
+    """The op call `op_name(*args)`, converted once; `.run(hyper, lrs)` repeats it with fresh grads."""
+    return _C.CachedCall(op_name, tuple(args), list(grad_sources))
+
+
+def none_has_grad(params):
+    return _C.none_has_grad(params)
 
 
 def op(name):

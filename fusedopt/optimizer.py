@@ -26,6 +26,7 @@ class _Launch:
         self.group_indices = []  # param_groups index of each of this launch's groups
         self.group_ends = []
         self.host_table = self.device_table = None
+        self.cached = None  # the op call with its arguments converted once (fusedopt._C.CachedCall)
 
     def add(self, group_index, param, states, step, fresh):
         if not self.group_indices or self.group_indices[-1] != group_index:
@@ -45,10 +46,16 @@ class _Launch:
         self.fresh_state.append(int(fresh))
         self.group_ends[-1] = len(self.params)
 
+    def grads_ready(self):
+        if self.cached is not None:
+            return self.cached.grads_ready()  # in C++: no Python loop over the params
+        return all(p.grad is not None for p in self.params)
+
     def allocate_tables(self):
         words = _ops.table_words(len(self.params), len(self.group_indices))
-        self.host_table = torch.zeros(words, dtype=torch.int64)
         on_cpu = self.device.type == "cpu"
+        # Pinned for CUDA: a step captured in a CUDA graph uploads a changed table straight from it.
+        self.host_table = torch.zeros(words, dtype=torch.int64, pin_memory=not on_cpu)
         self.device_table = torch.zeros(0 if on_cpu else words, dtype=torch.int64, device=self.device)
 
 
@@ -58,8 +65,7 @@ class _Plan:
         self.group_params = [group["params"] for group in optimizer.param_groups]
         self.group_sizes = [len(params) for params in self.group_params]
         self.options = [optimizer._options(group) for group in optimizer.param_groups]
-        self.all_params = [p for params in self.group_params for p in params]
-        self.has_grad = [p.grad is not None for p in self.all_params]
+        self.without_grad = [p for params in self.group_params for p in params if p.grad is None]
         self.launches = []
 
     def still_valid(self, optimizer):
@@ -70,7 +76,8 @@ class _Plan:
             and all(g["params"] is params and len(params) == size
                     for g, params, size in zip(groups, self.group_params, self.group_sizes))
             and [optimizer._options(group) for group in groups] == self.options
-            and [p.grad is not None for p in self.all_params] == self.has_grad
+            and all(launch.grads_ready() for launch in self.launches)
+            and _ops.none_has_grad(self.without_grad)
         )
 
 
@@ -223,10 +230,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        op = _ops.op(self._op_name)
         with torch.no_grad():
             for launch in self._current_plan().launches:
-                op(*self._op_arguments(launch))
+                if launch.cached is None:
+                    launch.cached = _ops.cached_call(self._op_name, self._op_arguments(launch), launch.params)
+                launch.cached.run(*self._group_arguments(launch))
                 if not self._uses_step and any(launch.fresh_state):
-                    launch.fresh_state = [0] * len(launch.params)
+                    launch.fresh_state = [0] * len(launch.params)  # torch's buffers exist from now on
+                    launch.cached = None
         return loss

@@ -1,0 +1,88 @@
+// The Python module fusedopt._C, and CachedCall: a fused op call whose arguments are converted from Python
+// once per launch plan. Converting thousands of tensors through torch.ops costs about a microsecond each per
+// step; a cached call only refreshes the grads (read from the params here) and the per-group hyperparameters,
+// then runs the same registered op through the dispatcher.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+namespace fusedopt {
+namespace {
+
+class CachedCall {
+ public:
+  // `args` are the op's arguments in schema order; `grad_sources` the params whose .grad fills the op's
+  // `grads` argument (complex params through their real view, as the op receives the param itself).
+  CachedCall(const std::string& op_name, const py::tuple& args, std::vector<at::Tensor> grad_sources)
+      : op_(c10::Dispatcher::singleton().findSchemaOrThrow(("fusedopt::" + op_name).c_str(), "")),
+        grad_sources_(std::move(grad_sources)) {
+    const auto& arguments = op_.schema().arguments();
+    TORCH_CHECK(args.size() == arguments.size(), "fusedopt.CachedCall: ", op_name, " takes ", arguments.size(),
+                " arguments, got ", args.size());
+    for (size_t i = 0; i < arguments.size(); ++i) {
+      stack_.push_back(torch::jit::toIValue(args[i], arguments[i].real_type()));
+    }
+    grads_index_ = argument_index("grads");
+    hyper_index_ = argument_index("hyper");
+    lrs_index_ = argument_index("lrs");
+    TORCH_CHECK(stack_[grads_index_].toTensorList().size() == grad_sources_.size(),
+                "fusedopt.CachedCall: one grad source per grad");
+  }
+
+  // Whether every param of this call has a gradient, i.e. the call can run as built.
+  bool grads_ready() const {
+    for (const auto& p : grad_sources_) {
+      if (!p.grad().defined()) return false;
+    }
+    return true;
+  }
+
+  void run(const py::list& hyper, const py::list& lrs) {
+    c10::List<at::Tensor> grads = stack_[grads_index_].toTensorList();  // shares the cached list
+    for (size_t i = 0; i < grad_sources_.size(); ++i) {
+      const at::Tensor& grad = grad_sources_[i].grad();
+      TORCH_CHECK(grad.defined(), "fusedopt: a param of this step lost its gradient");
+      grads.set(i, grad.is_complex() ? at::view_as_real(grad) : grad);
+    }
+    const auto& arguments = op_.schema().arguments();
+    stack_[hyper_index_] = torch::jit::toIValue(hyper, arguments[hyper_index_].real_type());
+    stack_[lrs_index_] = torch::jit::toIValue(lrs, arguments[lrs_index_].real_type());
+    torch::jit::Stack stack = stack_;
+    py::gil_scoped_release no_gil;
+    op_.callBoxed(stack);
+  }
+
+ private:
+  size_t argument_index(const char* name) const {
+    const auto index = op_.schema().argumentIndexWithName(name);
+    TORCH_CHECK(index.has_value(), "fusedopt.CachedCall: ", op_.schema().name(), " has no argument ", name);
+    return *index;
+  }
+
+  c10::OperatorHandle op_;
+  std::vector<at::Tensor> grad_sources_;
+  torch::jit::Stack stack_;
+  size_t grads_index_, hyper_index_, lrs_index_;
+};
+
+bool none_has_grad(const std::vector<at::Tensor>& params) {
+  for (const auto& p : params) {
+    if (p.grad().defined()) return false;
+  }
+  return true;
+}
+
+}  // namespace
+}  // namespace fusedopt
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fusedopt kernels; importing this module registers the torch.ops.fusedopt ops";
+  py::class_<fusedopt::CachedCall>(m, "CachedCall")
+      .def(py::init<const std::string&, const py::tuple&, std::vector<at::Tensor>>())
+      .def("grads_ready", &fusedopt::CachedCall::grads_ready)
+      .def("run", &fusedopt::CachedCall::run);
+  m.def("none_has_grad", &fusedopt::none_has_grad, "True when no tensor in the list has a .grad");
+}
