@@ -32,10 +32,19 @@ class CachedCall {
                 "fusedopt.CachedCall: one grad source per grad");
   }
 
-  // Whether every param of this call has a gradient, i.e. the call can run as built.
+  // Whether every param of this call has a gradient, i.e. the call can run as built; raises when a gradient
+  // could not be used. A step checks every launch this way before it runs any, so a bad gradient in one
+  // launch cannot leave the params of another half-updated.
   bool grads_ready() const {
-    for (const auto& p : grad_sources_) {
-      if (!p.grad().defined()) return false;
+    for (size_t i = 0; i < grad_sources_.size(); ++i) {
+      const at::Tensor& param = grad_sources_[i];
+      const at::Tensor& grad = param.grad();
+      if (!grad.defined()) return false;
+      TORCH_CHECK(grad.layout() == at::kStrided, "fusedopt optimizers do not support sparse gradients");
+      TORCH_CHECK(grad.sizes() == param.sizes() && grad.scalar_type() == param.scalar_type() &&
+                      grad.device() == param.device(),
+                  "fusedopt: the gradient of a param of shape ", param.sizes(), ", ", param.scalar_type(), " on ",
+                  param.device(), " is ", grad.sizes(), ", ", grad.scalar_type(), " on ", grad.device());
     }
     return true;
   }

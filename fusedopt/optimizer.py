@@ -7,6 +7,8 @@ groups, hooks, ``state_dict``/``load_state_dict`` and ``__setstate__`` are torch
 launch plan (the tensor lists and the device tables the kernels walk), rebuilt only when the set of params with
 gradients, the param groups, the options or the state object change.
 """
+import inspect
+
 import torch
 
 from . import _ops
@@ -46,10 +48,6 @@ class _Launch:
         self.fresh_state.append(int(fresh))
         self.group_ends[-1] = len(self.params)
 
-    def grads_ready(self):
-        if self.cached is not None:
-            return self.cached.grads_ready()  # in C++: no Python loop over the params
-        return all(p.grad is not None for p in self.params)
 
     def allocate_tables(self):
         words = _ops.table_words(len(self.params), len(self.group_indices))
@@ -76,7 +74,8 @@ class _Plan:
             and all(g["params"] is params and len(params) == size
                     for g, params, size in zip(groups, self.group_params, self.group_sizes))
             and [optimizer._options(group) for group in groups] == self.options
-            and all(launch.grads_ready() for launch in self.launches)
+            # in C++, every launch before any runs: True when each param has a grad, raises on an unusable one
+            and all(launch.cached.grads_ready() for launch in self.launches)
             and _ops.none_has_grad(self.without_grad)
         )
 
@@ -100,6 +99,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._step_supports_amp_scaling = False
         self._plan = None
         self.register_load_state_dict_post_hook(FusedOptimizer._forget_plan)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # The constructor forwards to torch's: show torch's arguments to inspect.signature and IDEs.
+        torch_init = inspect.signature(cls._torch_class().__init__)
+        cls.__signature__ = torch_init.replace(parameters=list(torch_init.parameters.values())[1:])
 
     @classmethod
     def _torch_class(cls):
@@ -162,7 +167,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if param.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16,
                                        torch.complex64, torch.complex128):
                     raise RuntimeError(f"{name} does not support parameters of dtype {param.dtype}")
-                state = self.state[param]
+                if not self._uses_step and not any(keys):
+                    state = {}  # plain SGD keeps no state: create no entry, as torch creates none
+                else:
+                    state = self.state[param]
                 fresh = False
                 missing = [k for k in keys if k is not None and k not in state]
                 if missing:
@@ -176,10 +184,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if key not in launches:
                     launches[key] = _Launch(param.device, real_dtype, options)
                 launches[key].add(group_index, param, [state[k] if k else None for k in keys], step, fresh)
-        for launch in launches.values():
-            launch.allocate_tables()
         plan.launches = list(launches.values())
+        for launch in plan.launches:
+            launch.allocate_tables()
+            self._cache_call(launch)
         return plan
+
+    def _cache_call(self, launch):
+        launch.cached = _ops.cached_call(self._op_name, self._op_arguments(launch), launch.params)
 
     # ---- The step ----
     def _group_arguments(self, launch):
@@ -232,10 +244,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         with torch.no_grad():
             for launch in self._current_plan().launches:
-                if launch.cached is None:
-                    launch.cached = _ops.cached_call(self._op_name, self._op_arguments(launch), launch.params)
                 launch.cached.run(*self._group_arguments(launch))
                 if not self._uses_step and any(launch.fresh_state):
                     launch.fresh_state = [0] * len(launch.params)  # torch's buffers exist from now on
-                    launch.cached = None
+                    self._cache_call(launch)
         return loss

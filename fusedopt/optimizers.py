@@ -72,7 +72,8 @@ class FusedAdagrad(FusedOptimizer, torch.optim.Adagrad):
         return (group["lr"], group["lr_decay"], group["weight_decay"], group["eps"])
 
     def _new_state(self, param, group):
-        value = group["initial_accumulator_value"]
+        # torch seeds state created after construction from the constructor's value, not the group's
+        value = self.defaults["initial_accumulator_value"]
         fill = complex(value, value) if param.is_complex() else value
         return {"sum": torch.full_like(param, fill, memory_format=torch.preserve_format)}
 
