@@ -2,6 +2,8 @@
 // the CPU kernel: one parallel region over the same (tensor, chunk) work items the CUDA grid walks.
 #include <ATen/Parallel.h>
 
+#include <c10/util/bit_cast.h>
+
 #include <algorithm>
 #include <cstring>
 #include <sstream>
@@ -191,6 +193,27 @@ void finish_step(PreparedStep& prepared) {
 
 namespace {
 
+// Storage <-> math conversions for the CPU loop. c10's bfloat16 rounding branches on NaN, which stops the
+// loop from vectorizing; the same round-to-nearest-even written as one select does not.
+template <typename T, typename scalar_t>
+inline T to_math(scalar_t v) {
+  return T(v);
+}
+template <>
+inline float to_math<float, c10::BFloat16>(c10::BFloat16 v) {
+  return c10::bit_cast<float>(uint32_t(v.x) << 16);
+}
+template <typename scalar_t, typename T>
+inline scalar_t to_storage(T v) {
+  return scalar_t(v);
+}
+template <>
+inline c10::BFloat16 to_storage<c10::BFloat16, float>(float v) {
+  const uint32_t bits = c10::bit_cast<uint32_t>(v);
+  const uint16_t rounded = uint16_t((bits + ((bits >> 16) & 1u) + 0x7FFFu) >> 16);
+  return c10::BFloat16(v != v ? uint16_t(0x7FC0) : rounded, c10::BFloat16::from_bits());
+}
+
 // Applies `rule` to elements [begin, end) of one tensor. Written as a plain loop over restrict pointers with
 // compile-time state count, so the compiler vectorizes it.
 template <typename scalar_t, typename Rule>
@@ -203,16 +226,16 @@ void update_range(const TensorEntry& e, const Rule& rule, int64_t begin, int64_t
   scalar_t* __restrict__ s1 = static_cast<scalar_t*>(e.state[1]);
   scalar_t* __restrict__ s2 = static_cast<scalar_t*>(e.state[2]);
   for (int64_t i = begin; i < end; ++i) {
-    T p = T(param[i]);
+    T p = to_math<T>(param[i]);
     T s[kStates > 0 ? kStates : 1];
-    if constexpr (kStates > 0) s[0] = T(s0[i]);
-    if constexpr (kStates > 1) s[1] = T(s1[i]);
-    if constexpr (kStates > 2) s[2] = T(s2[i]);
-    rule(p, T(grad[i]), s);
-    param[i] = scalar_t(p);
-    if constexpr (kStates > 0) s0[i] = scalar_t(s[0]);
-    if constexpr (kStates > 1) s1[i] = scalar_t(s[1]);
-    if constexpr (kStates > 2) s2[i] = scalar_t(s[2]);
+    if constexpr (kStates > 0) s[0] = to_math<T>(s0[i]);
+    if constexpr (kStates > 1) s[1] = to_math<T>(s1[i]);
+    if constexpr (kStates > 2) s[2] = to_math<T>(s2[i]);
+    rule(p, to_math<T>(grad[i]), s);
+    param[i] = to_storage<scalar_t>(p);
+    if constexpr (kStates > 0) s0[i] = to_storage<scalar_t>(s[0]);
+    if constexpr (kStates > 1) s1[i] = to_storage<scalar_t>(s[1]);
+    if constexpr (kStates > 2) s2[i] = to_storage<scalar_t>(s[2]);
   }
 }
 

@@ -24,6 +24,12 @@ C10_HOST_DEVICE inline T weight_decayed(T grad, T param, T weight_decay) {
   return weight_decay != T(0) ? grad + weight_decay * param : grad;
 }
 
+// torch's CPU addcdiv, self + value * t1 / t2, multiplies before it divides; keep its rounding.
+template <typename T>
+C10_HOST_DEVICE inline T addcdiv(T self, T value, T t1, T t2) {
+  return self + value * t1 / t2;
+}
+
 // at::lerp: two formulas, picked by the size of the weight, for accuracy at both ends.
 template <typename T>
 C10_HOST_DEVICE inline T lerp(T self, T end, T weight) {
@@ -31,15 +37,29 @@ C10_HOST_DEVICE inline T lerp(T self, T end, T weight) {
                                                : end - (end - self) * (T(1) - weight);
 }
 
-// torch.maximum propagates NaN; std::max/fmax do not.
+// torch.maximum propagates NaN; std::max/fmax do not. One select, so CPU loops still vectorize.
 template <typename T>
 C10_HOST_DEVICE inline T nan_propagating_max(T a, T b) {
-  return (a != a) ? a : ((b != b) ? b : (a > b ? a : b));
+  return (a > b || a != a) ? a : b;
+}
+
+// The float overloads: on the host, ::sqrt(float) would go through double and vectorize at half width.
+template <typename T>
+C10_HOST_DEVICE inline T sqrt_of(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
 }
 
 template <typename T>
-C10_HOST_DEVICE inline T sqrt_of(T x) {
-  return ::sqrt(x);
+C10_HOST_DEVICE inline T abs_of(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::fabs(x);
+#else
+  return std::fabs(x);
+#endif
 }
 
 // SGD with optional momentum and Nesterov. State: momentum_buffer (when momentum != 0). No step counter.
@@ -100,7 +120,7 @@ struct AdamRule {
       second_moment = state[2];
     }
     const T denom = sqrt_of(second_moment) / bias_correction2_sqrt + eps;
-    param = param + neg_step_size * (exp_avg / denom);
+    param = addcdiv(param, neg_step_size, exp_avg, denom);
   }
 };
 
@@ -118,7 +138,7 @@ struct AdagradRule {
     const T g = weight_decayed(kMaximize ? -grad : grad, param, weight_decay);
     T& sum = state[0];
     sum = sum + g * g;
-    param = param + neg_clr * (g / (sqrt_of(sum) + eps));
+    param = addcdiv(param, neg_clr, g, sqrt_of(sum) + eps);
   }
 };
 
@@ -161,8 +181,8 @@ struct AdamaxRule {
     T& exp_avg = state[0];
     T& exp_inf = state[1];
     exp_avg = lerp(exp_avg, g, one_minus_beta1);
-    exp_inf = nan_propagating_max(exp_inf * beta2, (g < T(0) ? -g : g) + eps);
-    param = param + neg_clr * (exp_avg / exp_inf);
+    exp_inf = nan_propagating_max(exp_inf * beta2, abs_of(g) + eps);
+    param = addcdiv(param, neg_clr, exp_avg, exp_inf);
   }
 };
 
@@ -196,7 +216,7 @@ struct RmspropRule {
       buf = buf * momentum + g / avg;
       param = param + neg_lr * buf;
     } else {
-      param = param + neg_lr * (g / avg);
+      param = addcdiv(param, neg_lr, g, avg);
     }
   }
 };

@@ -1,0 +1,1 @@
+"""fusedopt benchmarks and seed-experiment reproduction; run the modules with `python -m benchmarks.<name>`."""

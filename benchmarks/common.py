@@ -1,0 +1,189 @@
+"""What every benchmark shares: the optimizer registry, the implementations compared, and run metadata.
+
+One table (OPTIMIZERS) drives bench_step, train_loop and the pytest-benchmark suite, so adding an optimizer
+or an option is one line here, never a new function.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class OptSpec:
+    """One benchmarked configuration of a torch.optim algorithm (fusedopt's class is 'Fused' + torch_name)."""
+    torch_name: str
+    kwargs: dict = field(default_factory=dict)
+
+
+# lr is always explicit so that param-group variants can scale it; the other values are torch's defaults.
+OPTIMIZERS: dict[str, OptSpec] = {
+    "sgd": OptSpec("SGD", dict(lr=0.01)),
+    "sgd_momentum": OptSpec("SGD", dict(lr=0.01, momentum=0.9)),
+    "sgd_nesterov": OptSpec("SGD", dict(lr=0.01, momentum=0.9, nesterov=True)),
+    "adam": OptSpec("Adam", dict(lr=1e-3)),
+    "adam_amsgrad": OptSpec("Adam", dict(lr=1e-3, amsgrad=True)),
+    "adamw": OptSpec("AdamW", dict(lr=1e-3)),
+    "adagrad": OptSpec("Adagrad", dict(lr=1e-2)),
+    "adadelta": OptSpec("Adadelta", dict(lr=1.0)),
+    "adamax": OptSpec("Adamax", dict(lr=2e-3)),
+    "rmsprop": OptSpec("RMSprop", dict(lr=1e-2)),
+    "rmsprop_centered": OptSpec("RMSprop", dict(lr=1e-2, momentum=0.9, centered=True)),
+}
+
+# Minimum memory traffic of one step, in arrays of the parameter's size read and written per element.
+# A fused kernel touches each array once; torch's for-loop/foreach paths touch some several times, which is
+# exactly what the "% of add_" column exposes. Weight decay, maximize, lr/bias corrections add no traffic.
+#
+#   algorithm   reads                        writes                 arrays  fp32 B/elem  bf16 B/elem
+#   SGD         p, g                         p                      3       12           6
+#   + momentum  + momentum_buffer            + momentum_buffer      5       20           10   (nesterov too)
+#   Adam/AdamW  p, g, exp_avg, exp_avg_sq    p, exp_avg, exp_avg_sq 7       28           14
+#   + amsgrad   + max_exp_avg_sq             + max_exp_avg_sq       9       36           18
+#   Adagrad     p, g, sum                    p, sum                 5       20           10
+#   Adadelta    p, g, square_avg, acc_delta  p, square_avg, acc_d.  7       28           14
+#   Adamax      p, g, exp_avg, exp_inf       p, exp_avg, exp_inf    7       28           14
+#   RMSprop     p, g, square_avg             p, square_avg          5       20           10
+#   + momentum  + momentum_buffer            + momentum_buffer      +2      +8           +4
+#   + centered  + grad_avg                   + grad_avg             +2      +8           +4
+#   add_ (ref.) a, b                         a                      3       12           6
+#
+# Bytes assume optimizer state in the parameter dtype, as torch.optim keeps it.
+BASE_ARRAYS = {"SGD": (2, 1), "Adam": (4, 3), "AdamW": (4, 3), "Adagrad": (3, 2), "Adadelta": (4, 3),
+               "Adamax": (4, 3), "RMSprop": (3, 2)}
+OPTION_ARRAYS = {"momentum": (1, 1), "amsgrad": (1, 1), "centered": (1, 1)}  # added when the option is truthy
+ADD_ARRAYS = 3
+
+
+def traffic_arrays(spec: OptSpec) -> int:
+    """Arrays of parameter size read + written by one step (see the table above)."""
+    reads, writes = BASE_ARRAYS[spec.torch_name]
+    for option, (r, w) in OPTION_ARRAYS.items():
+        if spec.kwargs.get(option):
+            reads, writes = reads + r, writes + w
+    return reads + writes
+
+
+def state_arrays(spec: OptSpec) -> int:
+    """Per-element state buffers one optimizer instance allocates (traffic minus p read/write and g read)."""
+    return traffic_arrays(spec) - 3
+
+
+# The implementations compared: where the class comes from and the flags that select torch's code path.
+IMPLS: dict[str, tuple[str, dict]] = {
+    "fusedopt": ("fusedopt", {}),
+    "forloop": ("torch", {"foreach": False}),
+    "foreach": ("torch", {"foreach": True}),
+    "fused": ("torch", {"fused": True}),
+}
+TORCH_IMPLS = [name for name, (src, _) in IMPLS.items() if src == "torch"]
+
+
+def optimizer_class(torch_name: str, source: str):
+    if source == "fusedopt":
+        import fusedopt  # imported late so torch-only code paths work while the package is being built
+        return getattr(fusedopt, "Fused" + torch_name)
+    return getattr(torch.optim, torch_name)
+
+
+def make_optimizer(spec: OptSpec, impl: str, params, **overrides):
+    """Build `spec` with implementation `impl` over `params` (tensors or param-group dicts)."""
+    source, flags = IMPLS[impl]
+    return optimizer_class(spec.torch_name, source)(params, **{**spec.kwargs, **flags, **overrides})
+
+
+def probe(spec: OptSpec, impl: str, device, dtype) -> str | None:
+    """None if `impl` can step `spec` for this device and dtype, else why not.
+
+    Support differs by torch version, device and dtype (e.g. fused=True exists for SGD/Adam/AdamW/Adagrad only),
+    so we try a step on two tiny tensors instead of hard-coding a matrix.
+    """
+    params = [torch.zeros(8, device=device, dtype=dtype, requires_grad=True) for _ in range(2)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    try:
+        make_optimizer(spec, impl, params).step()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not supported here"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
+    return None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_kind(device: torch.device) -> str:
+    """Short tag for file names: 'cpu' or 'cuda-<gpu model>'."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device).replace("NVIDIA", "")
+    return "cuda-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """HEAD of the checkout the benchmark ran from, with '+dirty' when the tree has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown (no commit)"
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_metadata(device: torch.device) -> dict:
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # other processes competing for the cores distort CPU timings badly (OpenMP barriers), so record it
+        "load_average_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "fusedopt_commit": git_commit(),
+    }
+    try:
+        import fusedopt
+        meta["fusedopt_version"] = getattr(fusedopt, "__version__", "unknown")
+        meta["fusedopt_extension_available"] = bool(getattr(fusedopt, "EXTENSION_AVAILABLE", False))
+    except ImportError as exc:
+        meta["fusedopt_import_error"] = str(exc)
+    return meta
+
+
+def result_stem(prefix: str, device: torch.device) -> str:
+    """'<prefix>_<device kind>_<date-time>': results of different machines and days never overwrite each other."""
+    return f"{prefix}_{device_kind(device)}_{datetime.datetime.now():%Y%m%d-%H%M%S}"
