@@ -48,7 +48,6 @@ class _Launch:
         self.fresh_state.append(int(fresh))
         self.group_ends[-1] = len(self.params)
 
-
     def allocate_tables(self):
         words = _ops.table_words(len(self.params), len(self.group_indices))
         on_cpu = self.device.type == "cpu"
@@ -146,13 +145,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         state["step"] = step
         return step
 
-    def _build_plan(self):
-        plan = _Plan(self)
-        launches = {}
+    def _check_grads(self):
+        """Every grad this step would use, checked before any state is created or any launch runs."""
         name = type(self).__name__
-        for group_index, group in enumerate(self.param_groups):
-            options = self._options(group)
-            keys = self._active_state_keys(group)
+        supported = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128)
+        for group in self.param_groups:
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
@@ -164,9 +161,19 @@ class FusedOptimizer(torch.optim.Optimizer):
                         f"{name}: the gradient of a param of shape {tuple(param.shape)}, {param.dtype} on "
                         f"{param.device} is {tuple(grad.shape)}, {grad.dtype} on {grad.device}"
                     )
-                if param.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16,
-                                       torch.complex64, torch.complex128):
+                if param.dtype not in supported:
                     raise RuntimeError(f"{name} does not support parameters of dtype {param.dtype}")
+
+    def _build_plan(self):
+        self._check_grads()
+        plan = _Plan(self)
+        launches = {}
+        for group_index, group in enumerate(self.param_groups):
+            options = self._options(group)
+            keys = self._active_state_keys(group)
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
                 if not self._uses_step and not any(keys):
                     state = {}  # plain SGD keeps no state: create no entry, as torch creates none
                 else:
