@@ -126,10 +126,20 @@ PreparedStep prepare_step(const StepInputs& in) {
   const int64_t num_groups = in.group_ends.size();
   TableView table = prepared.host;
   TableHeader& header = table.header();
-  // A zeroed (fresh) table never matches, so it is filled on first use.
-  bool changed = header.num_tensors != n || header.num_groups != num_groups;
+  // Entries are compared and rewritten in place. From the first difference until the chunk map is rebuilt the
+  // table is marked incomplete (num_chunks < 0), so a step that throws half-way never leaves one that looks valid.
+  bool changed = header.num_tensors != n || header.num_groups != num_groups || header.num_chunks < 0;
+  auto mark_changed = [&] {
+    changed = true;
+    header.num_chunks = -1;
+  };
+  if (changed) {
+    header = TableHeader{};
+    header.num_tensors = n;  // fixes where the group entries and the chunk map start
+    header.num_groups = num_groups;
+    mark_changed();
+  }
 
-  std::vector<TensorEntry> entries(n);
   int64_t group = 0;
   for (int64_t i = 0; i < n; ++i) {
     while (in.group_ends[group] <= i) ++group;
@@ -139,7 +149,7 @@ PreparedStep prepare_step(const StepInputs& in) {
       prepared.write_back.emplace_back(param, copy);
       param = copy;
     }
-    TensorEntry& e = entries[i];
+    TensorEntry e{};
     e.param = param.data_ptr();
     e.grad = dense_like(in.grads[i], param, prepared, false).data_ptr();
     for (int k = 0; k < kMaxStates; ++k) {
@@ -149,13 +159,14 @@ PreparedStep prepare_step(const StepInputs& in) {
     e.numel = param.numel();
     e.group = int32_t(group);
     e.fresh_state = in.fresh_state.empty() ? 0 : int32_t(in.fresh_state[i] != 0);
-    if (!changed) changed = std::memcmp(&e, &table.tensors()[i], sizeof(TensorEntry)) != 0;
+    if (std::memcmp(&e, &table.tensors()[i], sizeof(TensorEntry)) != 0) {
+      if (!changed) mark_changed();
+      table.tensors()[i] = e;
+    }
   }
 
-  std::vector<GroupEntry> groups(num_groups);
   for (int64_t g = 0; g < num_groups; ++g) {
-    GroupEntry& entry = groups[g];
-    std::memset(&entry, 0, sizeof(GroupEntry));
+    GroupEntry entry{};
     std::copy_n(in.hyper.data() + g * kMaxHyper, kMaxHyper, entry.hyper);
     const std::optional<at::Tensor> lr = in.lrs.get(g);
     if (lr.has_value() && lr->defined()) {
@@ -163,25 +174,24 @@ PreparedStep prepare_step(const StepInputs& in) {
       entry.lr_is_double = lr->scalar_type() == at::kDouble;
       entry.hyper[0] = 0.0;  // unused: the kernel reads the tensor
     }
-    if (!changed) changed = std::memcmp(&entry, &table.groups()[g], sizeof(GroupEntry)) != 0;
+    if (std::memcmp(&entry, &table.groups()[g], sizeof(GroupEntry)) != 0) {
+      if (!changed) mark_changed();
+      table.groups()[g] = entry;
+    }
   }
 
   if (changed) {
-    header = TableHeader{};
-    header.num_tensors = n;
-    header.num_groups = num_groups;
-    std::copy(entries.begin(), entries.end(), table.tensors());
-    std::copy(groups.begin(), groups.end(), table.groups());
     int64_t* first_chunk = table.first_chunk();
     int64_t chunks = 0, total = 0;
     for (int64_t i = 0; i < n; ++i) {
+      const int64_t numel = table.tensors()[i].numel;
       first_chunk[i] = chunks;
-      chunks += (entries[i].numel + kChunkSize - 1) / kChunkSize;
-      total += entries[i].numel;
+      chunks += (numel + kChunkSize - 1) / kChunkSize;
+      total += numel;
     }
     first_chunk[n] = chunks;
-    header.num_chunks = chunks;
     header.total_numel = total;
+    header.num_chunks = chunks;  // complete again
   }
   prepared.table_changed = changed;
   return prepared;

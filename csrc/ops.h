@@ -7,7 +7,6 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include <array>
 #include <optional>
 #include <utility>
 #include <vector>

@@ -43,24 +43,17 @@ C10_HOST_DEVICE inline T nan_propagating_max(T a, T b) {
   return (a > b || a != a) ? a : b;
 }
 
-// The float overloads: on the host, ::sqrt(float) would go through double and vectorize at half width.
-template <typename T>
-C10_HOST_DEVICE inline T sqrt_of(T x) {
+// The float overloads: on the host, ::sqrt(float) would go through double and vectorize at half width; in
+// device code the global ones are CUDA's float overloads.
 #if defined(__CUDA_ARCH__)
-  return ::sqrt(x);
+#define FUSEDOPT_MATH_NS
 #else
-  return std::sqrt(x);
+#define FUSEDOPT_MATH_NS std
 #endif
-}
-
 template <typename T>
-C10_HOST_DEVICE inline T abs_of(T x) {
-#if defined(__CUDA_ARCH__)
-  return ::fabs(x);
-#else
-  return std::fabs(x);
-#endif
-}
+C10_HOST_DEVICE inline T sqrt_of(T x) { return FUSEDOPT_MATH_NS::sqrt(x); }
+template <typename T>
+C10_HOST_DEVICE inline T abs_of(T x) { return FUSEDOPT_MATH_NS::fabs(x); }
 
 // SGD with optional momentum and Nesterov. State: momentum_buffer (when momentum != 0). No step counter.
 // Hyper: lr, momentum, dampening, weight_decay. `fresh_state` marks a momentum buffer that torch would create

@@ -17,8 +17,8 @@ from . import _ops
 class _Launch:
     """One fused op call: the params of one (device, dtype, options) bucket, across param groups."""
 
-    def __init__(self, device, dtype, options):
-        self.device, self.dtype, self.options = device, dtype, options
+    def __init__(self, device, options):
+        self.device, self.options = device, options
         self.params = []  # the torch params, whose .grad is read every step
         self.kernel_params = []  # what the kernel sees (real views of complex params)
         self.is_complex = []
@@ -189,7 +189,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 real_dtype = torch.view_as_real(param).dtype if param.is_complex() else param.dtype
                 key = (param.device, real_dtype, options)
                 if key not in launches:
-                    launches[key] = _Launch(param.device, real_dtype, options)
+                    launches[key] = _Launch(param.device, options)
                 launches[key].add(group_index, param, [state[k] if k else None for k in keys], step, fresh)
         plan.launches = list(launches.values())
         for launch in plan.launches:
