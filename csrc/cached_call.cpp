@@ -1,7 +1,7 @@
 // The Python module fusedopt._C, and CachedCall: a fused op call whose arguments are converted from Python
 // once per launch plan. Converting thousands of tensors through torch.ops costs about a microsecond each per
-// step; a cached call only refreshes the grads (read from the params here) and the per-group hyperparameters,
-// then runs the same registered op through the dispatcher.
+// step; a cached call only refreshes the grads (read from the params here) and the few arguments that change
+// between steps (hyperparameters, GradScaler tensors), then runs the same registered op through the dispatcher.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
@@ -26,8 +26,6 @@ class CachedCall {
       stack_.push_back(torch::jit::toIValue(args[i], arguments[i].real_type()));
     }
     grads_index_ = argument_index("grads");
-    hyper_index_ = argument_index("hyper");
-    lrs_index_ = argument_index("lrs");
     TORCH_CHECK(stack_[grads_index_].toTensorList().size() == grad_sources_.size(),
                 "fusedopt.CachedCall: one grad source per grad");
   }
@@ -49,7 +47,8 @@ class CachedCall {
     return true;
   }
 
-  void run(const py::list& hyper, const py::list& lrs) {
+  // Runs the op with fresh grads and `updates` ({argument name: value}) replacing the cached arguments.
+  void run(const py::dict& updates) {
     c10::List<at::Tensor> grads = stack_[grads_index_].toTensorList();  // shares the cached list
     for (size_t i = 0; i < grad_sources_.size(); ++i) {
       const at::Tensor& grad = grad_sources_[i].grad();
@@ -57,8 +56,10 @@ class CachedCall {
       grads.set(i, grad.is_complex() ? at::view_as_real(grad) : grad);
     }
     const auto& arguments = op_.schema().arguments();
-    stack_[hyper_index_] = torch::jit::toIValue(hyper, arguments[hyper_index_].real_type());
-    stack_[lrs_index_] = torch::jit::toIValue(lrs, arguments[lrs_index_].real_type());
+    for (const auto& [name, value] : updates) {
+      const size_t index = argument_index(py::cast<std::string>(name).c_str());
+      stack_[index] = torch::jit::toIValue(value, arguments[index].real_type());
+    }
     torch::jit::Stack stack = stack_;
     py::gil_scoped_release no_gil;
     op_.callBoxed(stack);
@@ -74,7 +75,7 @@ class CachedCall {
   c10::OperatorHandle op_;
   std::vector<at::Tensor> grad_sources_;
   torch::jit::Stack stack_;
-  size_t grads_index_, hyper_index_, lrs_index_;
+  size_t grads_index_;
 };
 
 bool none_has_grad(const std::vector<at::Tensor>& params) {

@@ -5,9 +5,11 @@
 #include <c10/util/bit_cast.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <sstream>
 
+#include "lr_schedule.h"
 #include "ops.h"
 
 namespace fusedopt {
@@ -27,6 +29,70 @@ void check_like_param(const char* op, const char* what, size_t index, const at::
   TORCH_CHECK(t.scalar_type() == param.scalar_type() && t.device() == param.device() && t.sizes() == param.sizes(),
               "fusedopt.", op, ": ", what, "[", index, "] is ", describe(t), " but params[", index, "] is ",
               describe(param));
+}
+
+// A 1-element tensor of `dtype` on `device`, when given.
+void check_scalar(const char* op, const char* what, const OptionalTensor& t, at::ScalarType dtype,
+                  const at::Device& device) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == dtype && t->device() == device, "fusedopt.", op, ": ", what,
+              " must be a 1-element ", dtype, " tensor on ", device, ", got ", describe(*t));
+}
+
+bool given(const OptionalTensor& t) { return t.has_value() && t->defined(); }
+
+void validate_extras(const StepInputs& in, const at::Device& device) {
+  const char* op = in.op_name;
+  const StepExtras& x = in.extras;
+  const size_t num_groups = in.group_ends.size();
+  TORCH_CHECK(x.momenta.size() == 0 || x.momenta.size() == num_groups, "fusedopt.", op,
+              ": momenta must be empty or have one entry per group");
+  for (size_t g = 0; g < x.momenta.size(); ++g) {
+    const OptionalTensor momentum = x.momenta.get(g);
+    if (!given(momentum)) continue;
+    TORCH_CHECK(in.momentum_slot >= 0, "fusedopt.", op, ": this algorithm has no momentum to read from momenta");
+    check_scalar(op, "a momenta entry", momentum, at::kDouble, device);
+  }
+  check_scalar(op, "grad_scale", x.grad_scale, at::kFloat, device);
+  check_scalar(op, "skip_if", x.skip_if, at::kFloat, device);
+  check_scalar(op, "found_inf", x.found_inf, at::kFloat, device);
+  TORCH_CHECK(x.phases >= kReduceGrads && x.phases <= (kReduceGrads | kUpdate | kResetStats) &&
+                  (x.phases & (kReduceGrads | kUpdate)) != 0,
+              "fusedopt.", op, ": phases must combine kReduceGrads (1), kUpdate (2) and kResetStats (4), got ",
+              x.phases);
+  TORCH_CHECK(std::isfinite(x.max_grad_norm) && x.max_grad_norm >= 0, "fusedopt.", op,
+              ": max_grad_norm must be finite and >= 0 (0: no clipping), got ", x.max_grad_norm);
+  const bool needs_stats = (x.phases & kReduceGrads) || given(x.found_inf) || x.max_grad_norm > 0;
+  if (needs_stats) {
+    TORCH_CHECK(given(x.grad_stats), "fusedopt.", op,
+                ": grad_stats is required to reduce grads, detect non-finite grads or clip");
+  }
+  if (given(x.grad_stats)) {
+    TORCH_CHECK(x.grad_stats->scalar_type() == at::kDouble && x.grad_stats->device() == device &&
+                    x.grad_stats->is_contiguous() && x.grad_stats->numel() == kGradStats,
+                "fusedopt.", op, ": grad_stats must be a contiguous float64 tensor of ", kGradStats,
+                " elements on ", device, ", got ", describe(*x.grad_stats));
+  }
+  const bool any_schedule = given(x.schedule_lrs) || given(x.schedule_state) || given(x.schedule_program) ||
+                            given(x.schedule_momenta);
+  if (any_schedule) {
+    TORCH_CHECK(given(x.schedule_lrs) && given(x.schedule_state) && given(x.schedule_program), "fusedopt.", op,
+                ": a schedule needs schedule_lrs, schedule_state and schedule_program");
+    const at::Tensor& lrs = *x.schedule_lrs;
+    const at::Tensor& state = *x.schedule_state;
+    const at::Tensor& program = *x.schedule_program;
+    const int64_t groups = lrs.numel();
+    auto check = [&](const at::Tensor& t, const char* what, int64_t dims) {
+      TORCH_CHECK(t.scalar_type() == at::kDouble && t.device() == device && t.is_contiguous() && t.dim() == dims &&
+                      t.size(0) == groups,
+                  "fusedopt.", op, ": ", what, " must be a contiguous float64 tensor of ", dims,
+                  " dims and ", groups, " rows on ", device, ", got ", describe(t));
+    };
+    check(lrs, "schedule_lrs", 1);
+    check(state, "schedule_state", 2);
+    check(program, "schedule_program", 2);
+    if (given(x.schedule_momenta)) check(*x.schedule_momenta, "schedule_momenta", 1);
+  }
 }
 
 void validate(const StepInputs& in) {
@@ -80,6 +146,7 @@ void validate(const StepInputs& in) {
                   ", got ", describe(*lr));
     }
   }
+  validate_extras(in, first.device());
   const int64_t words = table_words(n, num_groups);
   TORCH_CHECK(in.host_table.device().is_cpu() && in.host_table.scalar_type() == at::kLong &&
                   in.host_table.is_contiguous() && in.host_table.numel() == words,
@@ -174,10 +241,41 @@ PreparedStep prepare_step(const StepInputs& in) {
       entry.lr_is_double = lr->scalar_type() == at::kDouble;
       entry.hyper[0] = 0.0;  // unused: the kernel reads the tensor
     }
+    if (in.extras.momenta.size() != 0) {
+      const OptionalTensor momentum = in.extras.momenta.get(g);
+      if (given(momentum)) {
+        entry.momentum_value = momentum->data_ptr<double>();
+        entry.hyper[in.momentum_slot] = 0.0;  // unused: the kernel reads the tensor
+      }
+    }
     if (std::memcmp(&entry, &table.groups()[g], sizeof(GroupEntry)) != 0) {
       if (!changed) mark_changed();
       table.groups()[g] = entry;
     }
+  }
+
+  // Header settings: what a step does besides the update, compared like the entries.
+  const StepExtras& x = in.extras;
+  TableHeader settings = header;
+  auto pointer = [](const OptionalTensor& t) { return given(t) ? t->data_ptr() : nullptr; };
+  settings.phases = x.phases;
+  settings.momentum_slot = in.momentum_slot;
+  settings.grad_scale = static_cast<const float*>(pointer(x.grad_scale));
+  settings.skip_if = static_cast<const float*>(pointer(x.skip_if));
+  settings.found_inf = static_cast<float*>(pointer(x.found_inf));
+  settings.grad_stats = static_cast<double*>(pointer(x.grad_stats));
+  settings.max_grad_norm = x.max_grad_norm;
+  settings.schedule_groups = given(x.schedule_lrs) ? x.schedule_lrs->numel() : 0;
+  settings.schedule_lrs = static_cast<double*>(pointer(x.schedule_lrs));
+  settings.schedule_momenta = static_cast<double*>(pointer(x.schedule_momenta));
+  settings.schedule_program = static_cast<const double*>(pointer(x.schedule_program));
+  settings.schedule_state = static_cast<double*>(pointer(x.schedule_state));
+  settings.schedule_program_stride = given(x.schedule_program) ? x.schedule_program->size(1) : 0;
+  settings.schedule_state_stride = given(x.schedule_state) ? x.schedule_state->size(1) : 0;
+  if (std::memcmp(&settings, &header, sizeof(TableHeader)) != 0) {
+    if (!changed) mark_changed();
+    settings.num_chunks = header.num_chunks;
+    header = settings;
   }
 
   if (changed) {
@@ -227,7 +325,8 @@ inline c10::BFloat16 to_storage<c10::BFloat16, float>(float v) {
 // Applies `rule` to elements [begin, end) of one tensor. Written as a plain loop over restrict pointers with
 // compile-time state count, so the compiler vectorizes it.
 template <typename scalar_t, typename Rule>
-void update_range(const TensorEntry& e, const Rule& rule, int64_t begin, int64_t end) {
+void update_range(const TensorEntry& e, const Rule& rule, typename Rule::opmath_t grad_factor, int64_t begin,
+                  int64_t end) {
   using T = typename Rule::opmath_t;
   constexpr int kStates = Rule::kNumStates;
   scalar_t* __restrict__ param = static_cast<scalar_t*>(e.param);
@@ -241,12 +340,28 @@ void update_range(const TensorEntry& e, const Rule& rule, int64_t begin, int64_t
     if constexpr (kStates > 0) s[0] = to_math<T>(s0[i]);
     if constexpr (kStates > 1) s[1] = to_math<T>(s1[i]);
     if constexpr (kStates > 2) s[2] = to_math<T>(s2[i]);
-    rule(p, to_math<T>(grad[i]), s);
+    rule(p, to_math<T>(grad[i]) * grad_factor, s);
     param[i] = to_storage<scalar_t>(p);
     if constexpr (kStates > 0) s0[i] = to_storage<scalar_t>(s[0]);
     if constexpr (kStates > 1) s1[i] = to_storage<scalar_t>(s[1]);
     if constexpr (kStates > 2) s2[i] = to_storage<scalar_t>(s[2]);
   }
+}
+
+// Sum of squares (in double) and non-finite flag of grad elements [begin, end).
+template <typename scalar_t>
+void reduce_range(const TensorEntry& e, int64_t begin, int64_t end, double& sum_sq, bool& nonfinite) {
+  using T = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ grad = static_cast<const scalar_t*>(e.grad);
+  double sum = 0.0;
+  bool bad = false;
+  for (int64_t i = begin; i < end; ++i) {
+    const T g = to_math<T>(grad[i]);
+    bad |= is_nonfinite(g);
+    sum += double(g) * double(g);
+  }
+  sum_sq = sum;
+  nonfinite = bad;
 }
 
 // Below this many elements a single thread is faster than waking the pool.
@@ -255,28 +370,64 @@ constexpr int64_t kSerialBelow = 1 << 16;
 struct CpuRunner {
   template <typename scalar_t, typename Rule>
   static void run(PreparedStep& prepared) {
+    using T = typename Rule::opmath_t;
     const TableView table = prepared.host;
-    const TableHeader& header = table.header();
-    auto work = [&](int64_t begin, int64_t end) {
-      if (begin >= end) return;
-      int64_t t = table.tensor_of_chunk(begin);
-      for (int64_t chunk = begin; chunk < end; ++chunk) {
-        while (table.first_chunk()[t + 1] <= chunk) ++t;
-        const TensorEntry& entry = table.tensors()[t];
-        const int64_t start = (chunk - table.first_chunk()[t]) * kChunkSize;
-        update_range<scalar_t>(entry, table.rule_for<Rule>(entry), start,
-                               std::min(start + kChunkSize, entry.numel));
+    TableHeader& header = table.header();
+    const int64_t num_chunks = header.num_chunks;
+    // body(entry, start, stop, chunk) for every chunk, in parallel where it pays off.
+    auto for_each_chunk = [&](auto&& body) {
+      auto work = [&](int64_t begin, int64_t end) {
+        if (begin >= end) return;
+        int64_t t = table.tensor_of_chunk(begin);
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          while (table.first_chunk()[t + 1] <= chunk) ++t;
+          const TensorEntry& entry = table.tensors()[t];
+          const int64_t start = (chunk - table.first_chunk()[t]) * kChunkSize;
+          body(entry, start, std::min(start + kChunkSize, entry.numel), chunk);
+        }
+      };
+      if (header.total_numel < kSerialBelow) {
+        work(0, num_chunks);
+      } else {
+        at::parallel_for(0, num_chunks, 1, work);
       }
     };
-    if (header.total_numel < kSerialBelow) {
-      work(0, header.num_chunks);
-    } else {
-      at::parallel_for(0, header.num_chunks, 1, work);
+
+    if (header.phases & kReduceGrads) {
+      // Per-chunk partial sums added in chunk order: the result does not depend on the thread count.
+      std::vector<double> sums(num_chunks);
+      std::vector<char> nonfinite(num_chunks);
+      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk) {
+        bool bad = false;
+        reduce_range<scalar_t>(entry, start, stop, sums[chunk], bad);
+        nonfinite[chunk] = bad;
+      });
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+        header.grad_stats[0] += sums[chunk];
+        if (nonfinite[chunk]) header.grad_stats[1] += 1.0;
+      }
     }
-    // Only after every chunk has read its step number.
-    for (int64_t t = 0; t < header.num_tensors; ++t) {
-      if (float* step = table.tensors()[t].step) *step += 1.0f;
+    if (!(header.phases & kUpdate)) return;
+
+    const double no_stats[kGradStats] = {0.0, 0.0};
+    const GradAdjustment adjust = grad_adjustment(header, header.grad_stats ? header.grad_stats : no_stats);
+    if (!adjust.skip) {
+      const T grad_factor = T(adjust.factor);
+      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t) {
+        update_range<scalar_t>(entry, table.rule_for<Rule>(entry), grad_factor, start, stop);
+      });
+      // Only after every chunk has read its step number and lr.
+      for (int64_t t = 0; t < header.num_tensors; ++t) {
+        if (float* step = table.tensors()[t].step) *step += 1.0f;
+      }
+      for (int64_t g = 0; g < header.schedule_groups; ++g) {
+        advance_schedule(header.schedule_program + g * header.schedule_program_stride,
+                         header.schedule_state + g * header.schedule_state_stride, header.schedule_lrs + g,
+                         header.schedule_momenta ? header.schedule_momenta + g : nullptr, nullptr);
+      }
     }
+    if (header.found_inf != nullptr) *header.found_inf = adjust.skip ? 1.0f : 0.0f;
+    if (header.phases & kResetStats) std::fill_n(header.grad_stats, kGradStats, 0.0);
   }
 };
 
@@ -284,33 +435,46 @@ int64_t table_words_op(int64_t num_tensors, int64_t num_groups) { return table_w
 
 }  // namespace
 
+
+// Every step op's arguments after its options (StepExtras in ops.h).
+#define FUSEDOPT_SCHEMA_TAIL                                                                                      \
+  ", Tensor?[] momenta, Tensor? grad_scale=None, Tensor? skip_if=None, Tensor(x!)? found_inf=None, "             \
+  "Tensor(y!)? grad_stats=None, float max_grad_norm=0., int phases=2, Tensor(z!)? schedule_lrs=None, "           \
+  "Tensor(w!)? schedule_momenta=None, Tensor(v!)? schedule_state=None, Tensor? schedule_program=None) -> ()"
+
 TORCH_LIBRARY(fusedopt, m) {
   m.def("table_words(int num_tensors, int num_groups) -> int", &table_words_op);
+  // One step of a device-side LR schedule (csrc/lr_schedule.h) for every param group: lrs[g] (and momenta[g]
+  // when the schedule cycles momentum) from program[g] and state[g]; metric feeds ReduceLROnPlateau.
+  m.def(
+      "advance_schedule_(Tensor(a!) lrs, Tensor(b!) state, Tensor program, Tensor(c!)? momenta=None, "
+      "Tensor? metric=None) -> ()");
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] fresh_state, "
       "int[] group_ends, float[] hyper, Tensor?[] lrs, Tensor(c!) host_table, Tensor(d!) device_table, "
-      "bool momentum, bool nesterov, bool maximize) -> ()");
+      "bool momentum, bool nesterov, bool maximize" FUSEDOPT_SCHEMA_TAIL);
   m.def(
       "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, int[] group_ends, float[] hyper, Tensor?[] lrs, "
       "Tensor(f!) host_table, Tensor(g!) device_table, bool amsgrad, bool maximize, "
-      "bool decoupled_weight_decay) -> ()");
+      "bool decoupled_weight_decay" FUSEDOPT_SCHEMA_TAIL);
   m.def(
       "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor(c!)[] state_steps, "
       "int[] group_ends, float[] hyper, Tensor?[] lrs, Tensor(d!) host_table, Tensor(e!) device_table, "
-      "bool maximize) -> ()");
+      "bool maximize" FUSEDOPT_SCHEMA_TAIL);
   m.def(
       "adadelta_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] acc_deltas, "
       "Tensor(d!)[] state_steps, int[] group_ends, float[] hyper, Tensor?[] lrs, Tensor(e!) host_table, "
-      "Tensor(f!) device_table, bool maximize) -> ()");
+      "Tensor(f!) device_table, bool maximize" FUSEDOPT_SCHEMA_TAIL);
   m.def(
       "adamax_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_infs, "
       "Tensor(d!)[] state_steps, int[] group_ends, float[] hyper, Tensor?[] lrs, Tensor(e!) host_table, "
-      "Tensor(f!) device_table, bool maximize) -> ()");
+      "Tensor(f!) device_table, bool maximize" FUSEDOPT_SCHEMA_TAIL);
   m.def(
       "rmsprop_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] momentum_buffers, "
       "Tensor(d!)[] grad_avgs, Tensor(e!)[] state_steps, int[] group_ends, float[] hyper, Tensor?[] lrs, "
-      "Tensor(f!) host_table, Tensor(g!) device_table, bool momentum, bool centered, bool maximize) -> ()");
+      "Tensor(f!) host_table, Tensor(g!) device_table, bool momentum, bool centered, bool maximize"
+      FUSEDOPT_SCHEMA_TAIL);
 }
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { register_impls<CpuRunner>(m); }

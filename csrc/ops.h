@@ -16,6 +16,34 @@
 namespace fusedopt {
 
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
+using OptionalTensor = std::optional<at::Tensor>;
+
+// The arguments every step op takes after its options (the schema tail in ops.cpp): a device-read momentum
+// per group, gradient unscaling / skipping / clipping (TableHeader), and a per-step LR schedule to advance.
+struct StepExtras {
+  const OptionalTensorList& momenta;
+  const OptionalTensor& grad_scale;
+  const OptionalTensor& skip_if;
+  const OptionalTensor& found_inf;
+  const OptionalTensor& grad_stats;
+  double max_grad_norm;
+  int64_t phases;
+  const OptionalTensor& schedule_lrs;
+  const OptionalTensor& schedule_momenta;
+  const OptionalTensor& schedule_state;
+  const OptionalTensor& schedule_program;
+};
+
+#define FUSEDOPT_EXTRAS_PARAMS                                                                               \
+  const OptionalTensorList &momenta, const OptionalTensor &grad_scale, const OptionalTensor &skip_if,         \
+      const OptionalTensor &found_inf, const OptionalTensor &grad_stats, double max_grad_norm, int64_t phases, \
+      const OptionalTensor &schedule_lrs, const OptionalTensor &schedule_momenta,                             \
+      const OptionalTensor &schedule_state, const OptionalTensor &schedule_program
+#define FUSEDOPT_EXTRAS                                                                                     \
+  StepExtras {                                                                                              \
+    momenta, grad_scale, skip_if, found_inf, grad_stats, max_grad_norm, phases, schedule_lrs, schedule_momenta, \
+        schedule_state, schedule_program                                                                    \
+  }
 
 struct StepInputs {
   const char* op_name;
@@ -30,6 +58,8 @@ struct StepInputs {
   const OptionalTensorList& lrs;
   const at::Tensor& host_table;
   const at::Tensor& device_table;
+  int64_t momentum_slot;  // the hyper slot `momenta` replaces, or -1 when the algorithm has no momentum
+  StepExtras extras;
 };
 
 struct PreparedStep {
@@ -91,14 +121,14 @@ template <class Runner>
 void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
               at::IntArrayRef fresh_state, at::IntArrayRef group_ends, at::ArrayRef<double> hyper,
               const OptionalTensorList& lrs, const at::Tensor& host_table, const at::Tensor& device_table,
-              bool momentum, bool nesterov, bool maximize) {
+              bool momentum, bool nesterov, bool maximize, FUSEDOPT_EXTRAS_PARAMS) {
   std::vector<at::TensorList> states;
   if (momentum) states.push_back(momentum_buffers);
   TORCH_CHECK(momentum || momentum_buffers.empty(), "fusedopt.sgd_: momentum_buffers given without momentum");
   TORCH_CHECK(!nesterov || momentum, "fusedopt.sgd_: Nesterov momentum requires a momentum");
   launch<Runner>(
       StepInputs{"sgd_", params, grads, states, false, {}, fresh_state, group_ends, hyper, lrs, host_table,
-                 device_table},
+                 device_table, 1, FUSEDOPT_EXTRAS},
       [](auto m, auto n, auto x) {
         return [](auto t) {
           return TypeTag<SgdRule<typename decltype(t)::type, FUSEDOPT_FLAG(m), FUSEDOPT_FLAG(n), FUSEDOPT_FLAG(x)>>{};
@@ -111,13 +141,14 @@ template <class Runner>
 void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::IntArrayRef group_ends,
                at::ArrayRef<double> hyper, const OptionalTensorList& lrs, const at::Tensor& host_table,
-               const at::Tensor& device_table, bool amsgrad, bool maximize, bool decoupled_weight_decay) {
+               const at::Tensor& device_table, bool amsgrad, bool maximize, bool decoupled_weight_decay,
+               FUSEDOPT_EXTRAS_PARAMS) {
   std::vector<at::TensorList> states{exp_avgs, exp_avg_sqs};
   if (amsgrad) states.push_back(max_exp_avg_sqs);
   TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), "fusedopt.adam_: max_exp_avg_sqs given without amsgrad");
   launch<Runner>(
       StepInputs{"adam_", params, grads, states, true, state_steps, {}, group_ends, hyper, lrs, host_table,
-                 device_table},
+                 device_table, 1, FUSEDOPT_EXTRAS},
       [](auto a, auto m, auto d) {
         return [](auto t) {
           return TypeTag<AdamRule<typename decltype(t)::type, FUSEDOPT_FLAG(a), FUSEDOPT_FLAG(m), FUSEDOPT_FLAG(d)>>{};
@@ -130,10 +161,10 @@ template <class Runner>
 void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
                   at::TensorList state_steps, at::IntArrayRef group_ends, at::ArrayRef<double> hyper,
                   const OptionalTensorList& lrs, const at::Tensor& host_table, const at::Tensor& device_table,
-                  bool maximize) {
+                  bool maximize, FUSEDOPT_EXTRAS_PARAMS) {
   launch<Runner>(
       StepInputs{"adagrad_", params, grads, {state_sums}, true, state_steps, {}, group_ends, hyper, lrs,
-                 host_table, device_table},
+                 host_table, device_table, -1, FUSEDOPT_EXTRAS},
       [](auto m) { return [](auto t) { return TypeTag<AdagradRule<typename decltype(t)::type, FUSEDOPT_FLAG(m)>>{}; }; },
       maximize);
 }
@@ -142,10 +173,10 @@ template <class Runner>
 void adadelta_impl(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
                    at::TensorList acc_deltas, at::TensorList state_steps, at::IntArrayRef group_ends,
                    at::ArrayRef<double> hyper, const OptionalTensorList& lrs, const at::Tensor& host_table,
-                   const at::Tensor& device_table, bool maximize) {
+                   const at::Tensor& device_table, bool maximize, FUSEDOPT_EXTRAS_PARAMS) {
   launch<Runner>(
       StepInputs{"adadelta_", params, grads, {square_avgs, acc_deltas}, true, state_steps, {}, group_ends, hyper,
-                 lrs, host_table, device_table},
+                 lrs, host_table, device_table, -1, FUSEDOPT_EXTRAS},
       [](auto m) { return [](auto t) { return TypeTag<AdadeltaRule<typename decltype(t)::type, FUSEDOPT_FLAG(m)>>{}; }; },
       maximize);
 }
@@ -154,10 +185,10 @@ template <class Runner>
 void adamax_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_infs,
                  at::TensorList state_steps, at::IntArrayRef group_ends, at::ArrayRef<double> hyper,
                  const OptionalTensorList& lrs, const at::Tensor& host_table, const at::Tensor& device_table,
-                 bool maximize) {
+                 bool maximize, FUSEDOPT_EXTRAS_PARAMS) {
   launch<Runner>(
       StepInputs{"adamax_", params, grads, {exp_avgs, exp_infs}, true, state_steps, {}, group_ends, hyper, lrs,
-                 host_table, device_table},
+                 host_table, device_table, 1, FUSEDOPT_EXTRAS},
       [](auto m) { return [](auto t) { return TypeTag<AdamaxRule<typename decltype(t)::type, FUSEDOPT_FLAG(m)>>{}; }; },
       maximize);
 }
@@ -167,7 +198,7 @@ void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList sq
                   at::TensorList momentum_buffers, at::TensorList grad_avgs, at::TensorList state_steps,
                   at::IntArrayRef group_ends, at::ArrayRef<double> hyper, const OptionalTensorList& lrs,
                   const at::Tensor& host_table, const at::Tensor& device_table, bool momentum, bool centered,
-                  bool maximize) {
+                  bool maximize, FUSEDOPT_EXTRAS_PARAMS) {
   std::vector<at::TensorList> states{square_avgs};
   if (momentum) states.push_back(momentum_buffers);
   if (centered) states.push_back(grad_avgs);
@@ -175,7 +206,7 @@ void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList sq
   TORCH_CHECK(centered || grad_avgs.empty(), "fusedopt.rmsprop_: grad_avgs given without centered");
   launch<Runner>(
       StepInputs{"rmsprop_", params, grads, states, true, state_steps, {}, group_ends, hyper, lrs, host_table,
-                 device_table},
+                 device_table, 4, FUSEDOPT_EXTRAS},
       [](auto m, auto c, auto x) {
         return [](auto t) {
           return TypeTag<RmspropRule<typename decltype(t)::type, FUSEDOPT_FLAG(m), FUSEDOPT_FLAG(c), FUSEDOPT_FLAG(x)>>{};

@@ -22,6 +22,18 @@ namespace fusedopt {
 constexpr int64_t kChunkSize = 16384;
 constexpr int kMaxStates = 3;
 
+// What a launch does (TableHeader::phases). A step that unscales or clips gradients needs their global
+// non-finite flag and sum of squares before any update: one launch does both phases with a grid barrier
+// between them; an optimizer with several launches on one device reduces in each, then updates in each.
+enum StepPhase : int64_t {
+  kReduceGrads = 1,  // accumulate the grads' sum of squares and non-finite flag into grad_stats
+  kUpdate = 2,       // the update itself
+  kResetStats = 4,   // the device's last launch of the step: zero grad_stats for the next one
+};
+
+// grad_stats (a float64 tensor the optimizer keeps per device): [sum of squares, non-finite flag].
+constexpr int kGradStats = 2;
+
 struct TableHeader {
   int64_t num_tensors;
   int64_t num_groups;
@@ -30,7 +42,23 @@ struct TableHeader {
   // CUDA only: blocks that finished this launch. The last block to finish bumps every step counter and
   // resets this to 0, so no block can read a step counter after it has changed.
   int64_t blocks_done;
-  int64_t reserved[3];
+  int64_t blocks_arrived;  // CUDA only: the grid barrier between kReduceGrads and kUpdate
+  int64_t phases;          // StepPhase bits
+  int64_t momentum_slot;   // the hyper slot a group's momentum_value replaces (momentum or beta1)
+  // Gradient scaling and clipping: the kernel multiplies every grad by (1 / *grad_scale) * clip factor.
+  const float* grad_scale;  // GradScaler's scale, or nullptr
+  const float* skip_if;     // skip the step when this is non-zero (a found_inf computed elsewhere), or nullptr
+  float* found_inf;         // set to 1 when the step was skipped for a non-finite grad, else 0; or nullptr
+  double* grad_stats;       // kGradStats doubles, or nullptr
+  double max_grad_norm;     // > 0: clip the global grad norm to it
+  // A device LR schedule advanced after this launch's update (csrc/lr_schedule.h), or schedule_groups = 0.
+  int64_t schedule_groups;
+  double* schedule_lrs;
+  double* schedule_momenta;
+  const double* schedule_program;
+  double* schedule_state;
+  int64_t schedule_program_stride;
+  int64_t schedule_state_stride;
 };
 
 struct TensorEntry {
@@ -47,7 +75,7 @@ struct GroupEntry {
   double hyper[kMaxHyper];
   const void* lr_tensor;  // when set, the learning rate is read from this 1-element tensor at launch time
   int64_t lr_is_double;
-  int64_t reserved;
+  const double* momentum_value;  // when set, replaces hyper[momentum_slot] (a schedule cycles it on the device)
 };
 
 static_assert(sizeof(TableHeader) % 8 == 0 && sizeof(TensorEntry) % 8 == 0 && sizeof(GroupEntry) % 8 == 0,
@@ -94,9 +122,44 @@ struct TableView {
   C10_HOST_DEVICE Rule rule_for(const TensorEntry& entry) const {
     const GroupEntry& group = groups()[entry.group];
     const double step = entry.step ? double(*entry.step) + 1.0 : 0.0;
-    return Rule(group.hyper, learning_rate(group), step, entry.fresh_state != 0);
+    if (group.momentum_value == nullptr) return Rule(group.hyper, learning_rate(group), step, entry.fresh_state != 0);
+    // Selected per slot (not hyper[slot] = ...) so the copy stays in registers on the device.
+    const int64_t slot = header().momentum_slot;
+    const double momentum = *group.momentum_value;
+    double hyper[kMaxHyper];
+    for (int k = 0; k < kMaxHyper; ++k) hyper[k] = k == slot ? momentum : group.hyper[k];
+    return Rule(hyper, learning_rate(group), step, entry.fresh_state != 0);
   }
 };
+
+// Whether the update runs, and the factor every grad is multiplied by: GradScaler's unscaling times the
+// clipping factor of torch.nn.utils.clip_grad_norm_ (max_norm / (norm + 1e-6), at most 1), where the norm
+// is that of the unscaled grads. `grad_stats` (kGradStats values) is read after every launch of the step
+// has reduced its grads.
+struct GradAdjustment {
+  bool skip;
+  double factor;
+};
+
+C10_HOST_DEVICE inline GradAdjustment grad_adjustment(const TableHeader& header, const double* grad_stats) {
+  GradAdjustment result{false, 1.0};
+  if (header.skip_if != nullptr && *header.skip_if != 0.0f) result.skip = true;
+  if (header.grad_scale != nullptr) result.factor = 1.0 / double(*header.grad_scale);
+  if (header.found_inf != nullptr && grad_stats[1] != 0.0) result.skip = true;
+  if (header.max_grad_norm > 0.0) {
+    const double norm = sqrt_of(grad_stats[0]) * result.factor;
+    const double clip = header.max_grad_norm / (norm + 1e-6);
+    if (clip < 1.0) result.factor *= clip;
+  }
+  return result;
+}
+
+// Non-finite without isfinite: inf - inf and NaN - NaN are NaN, which is the only value unequal to itself.
+template <typename T>
+C10_HOST_DEVICE inline bool is_nonfinite(T value) {
+  const T difference = value - value;
+  return difference != difference;
+}
 
 // Runtime flags to template parameters, as flash-attention's BOOL_SWITCH, for any number of flags:
 // calls fn(std::bool_constant<flag0>{}, std::bool_constant<flag1>{}, ...).

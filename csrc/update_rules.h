@@ -10,6 +10,8 @@
 
 #include <c10/macros/Macros.h>
 
+#include <type_traits>
+
 #include <cmath>
 
 namespace fusedopt {
@@ -55,6 +57,22 @@ C10_HOST_DEVICE inline T sqrt_of(T x) { return FUSEDOPT_MATH_NS::sqrt(x); }
 template <typename T>
 C10_HOST_DEVICE inline T abs_of(T x) { return FUSEDOPT_MATH_NS::fabs(x); }
 
+// a * b rounded on its own, never contracted into an FMA with a following add: where torch runs the product
+// and the sum as two kernels (buf.mul_(momentum).add_(grad)), nvcc would otherwise fuse them and the fp32 result
+// would drift by an ulp per step. Host compilers do not contract across these expressions (ISO C++ mode).
+template <typename T>
+C10_HOST_DEVICE inline T mul_rounded(T a, T b) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, double>) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
+#else
+  return a * b;
+#endif
+}
+
 // SGD with optional momentum and Nesterov. State: momentum_buffer (when momentum != 0). No step counter.
 // Hyper: lr, momentum, dampening, weight_decay. `fresh_state` marks a momentum buffer that torch would create
 // by cloning the gradient on this step.
@@ -73,7 +91,7 @@ struct SgdRule {
     T g = weight_decayed(kMaximize ? -grad : grad, param, weight_decay);
     if constexpr (kMomentum) {
       T& buf = state[0];
-      buf = fresh_state ? g : buf * momentum + one_minus_dampening * g;
+      buf = fresh_state ? g : mul_rounded(buf, momentum) + one_minus_dampening * g;
       g = kNesterov ? g + momentum * buf : buf;
     }
     param = param + neg_lr * g;

@@ -3,6 +3,7 @@
 One kernel launch per ``step()`` on CUDA, one fused parallel C++ call on CPU, for SGD (momentum, Nesterov),
 Adam/AdamW, Adagrad, Adadelta, Adamax and RMSprop; drop-in replacements for torch.optim.
 """
+from . import lr_scheduler
 from ._ops import EXTENSION_AVAILABLE
 from .optimizers import (
     FusedAdadelta,
@@ -23,5 +24,6 @@ __all__ = [
     "FusedAdadelta",
     "FusedAdamax",
     "FusedRMSprop",
+    "lr_scheduler",
 ]
 __version__ = "0.1.0"

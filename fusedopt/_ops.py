@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-OP_NAMES = ("sgd_", "adam_", "adagrad_", "adadelta_", "adamax_", "rmsprop_")
+OP_NAMES = ("sgd_", "adam_", "adagrad_", "adadelta_", "adamax_", "rmsprop_", "advance_schedule_")
 HYPER_SLOTS = 5  # hyperparameters per param group: kMaxHyper in csrc/update_rules.h
 
 try:
@@ -32,7 +32,8 @@ if EXTENSION_AVAILABLE:
 
 
 def cached_call(op_name, args, grad_sources):
-    """The op call `op_name(*args)`, converted once; `.run(hyper, lrs)` repeats it with fresh grads."""
+    """The op call `op_name(*args)`, converted once; `.run({name: value})` repeats it with fresh grads and
+    the named arguments replaced."""
     return _C.CachedCall(op_name, tuple(args), list(grad_sources))
 
 

@@ -5,13 +5,28 @@ groups, hooks, ``state_dict``/``load_state_dict`` and ``__setstate__`` are torch
 ``step`` when the compiled extension is missing. This class replaces ``step`` with one fused op call per
 (device, dtype, option set) and owns what that needs: lazy state creation with torch's state keys, and a cached
 launch plan (the tensor lists and the device tables the kernels walk), rebuilt only when the set of params with
-gradients, the param groups, the options or the state object change.
+gradients, the param groups, the options, the state object or the attached device LR schedule change.
+
+Inside the same launch the kernels also unscale gradients for ``torch.amp.GradScaler`` and skip the whole
+update when one is inf/NaN, clip the global gradient norm (``max_grad_norm``), and advance a per-step device
+LR schedule (``fusedopt.lr_scheduler``): a step never waits for the host.
 """
 import inspect
+import math
+import warnings
 
 import torch
+from torch.amp.grad_scaler import OptState
 
 from . import _ops
+
+# StepPhase in csrc/step_table.h
+REDUCE_GRADS, UPDATE, RESET_STATS = 1, 2, 4
+
+# GradScaler passes itself to optimizers whose step() takes `grad_scaler` and warns that this contract is
+# deprecated. It is the one contract that lets the step kernel find the inf/NaN gradients itself (the newer one
+# runs torch's separate checking pass first), so fusedopt uses it and silences exactly that warning.
+warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
 
 class _Launch:
@@ -29,6 +44,7 @@ class _Launch:
         self.group_ends = []
         self.host_table = self.device_table = None
         self.cached = None  # the op call with its arguments converted once (fusedopt._C.CachedCall)
+        self.advances_schedule = False  # the last launch on the schedule's device advances a per-step schedule
 
     def add(self, group_index, param, states, step, fresh):
         if not self.group_indices or self.group_indices[-1] != group_index:
@@ -63,12 +79,15 @@ class _Plan:
         self.group_sizes = [len(params) for params in self.group_params]
         self.options = [optimizer._options(group) for group in optimizer.param_groups]
         self.without_grad = [p for params in self.group_params for p in params if p.grad is None]
+        self.schedule = getattr(optimizer, "_device_schedule", None)
         self.launches = []
+        self.launches_by_device = {}
 
     def still_valid(self, optimizer):
         groups = optimizer.param_groups
         return (
             optimizer.state is self.state
+            and getattr(optimizer, "_device_schedule", None) is self.schedule
             and len(groups) == len(self.group_params)
             and all(g["params"] is params and len(params) == size
                     for g, params, size in zip(groups, self.group_params, self.group_sizes))
@@ -86,24 +105,35 @@ class FusedOptimizer(torch.optim.Optimizer):
     _state_keys: tuple  # the op's state list arguments, as torch.optim state keys
     _uses_step = True  # keeps a per-param `step` counter
 
-    def __init__(self, params, *args, **kwargs):
+    def __init__(self, params, *args, max_grad_norm=None, **kwargs):
         if kwargs.get("differentiable", False):
             raise RuntimeError(
                 f"{type(self).__name__} does not support differentiable=True: its fused kernels are not "
                 f"differentiable; use torch.optim.{self._torch_class().__name__}(differentiable=True)"
             )
+        if max_grad_norm is not None and not (
+            isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
+            and math.isfinite(max_grad_norm) and max_grad_norm > 0
+        ):
+            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
         super().__init__(params, *args, **kwargs)  # the torch.optim class: validation, defaults, groups
-        # torch's GradScaler skips unscaling for optimizers that claim to do it in their step (torch's fused
-        # ones); ours does not yet, so let the scaler unscale and check the gradients itself.
-        self._step_supports_amp_scaling = False
+        # Global gradient-norm clipping inside the step (torch.nn.utils.clip_grad_norm_'s factor); None: off.
+        self.max_grad_norm = max_grad_norm
+        # GradScaler hands the scale to step() instead of unscaling the grads itself.
+        self._step_supports_amp_scaling = True
         self._plan = None
+        self._grad_stats = {}  # device -> float64 [sum of squares, non-finite flag], zeroed by the kernels
+        self._found_inf = {}  # device -> float32 flag the kernel writes for GradScaler.update()
         self.register_load_state_dict_post_hook(FusedOptimizer._forget_plan)
+        self._move_steps()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        # The constructor forwards to torch's: show torch's arguments to inspect.signature and IDEs.
+        # The constructor forwards to torch's: show torch's arguments (and max_grad_norm) to inspect.signature.
         torch_init = inspect.signature(cls._torch_class().__init__)
-        cls.__signature__ = torch_init.replace(parameters=list(torch_init.parameters.values())[1:])
+        parameters = list(torch_init.parameters.values())[1:]
+        parameters.append(inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None))
+        cls.__signature__ = torch_init.replace(parameters=parameters)
 
     @classmethod
     def _torch_class(cls):
@@ -134,6 +164,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _forget_plan(optimizer):
         optimizer._plan = None
+        optimizer._move_steps()
+
+    def _move_steps(self):
+        """Every existing `step` onto its param's device: states torch creates up front (Adagrad) or loads
+        (load_state_dict with any map_location), whether or not the param gets a grad."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if state and "step" in state:
+                    self._step_tensor(state, param)
 
     def _step_tensor(self, state, param):
         """torch keeps `step` on the CPU unless fused/capturable; the kernels read it on the param's device."""
@@ -193,6 +233,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                 launches[key].add(group_index, param, [state[k] if k else None for k in keys], step, fresh)
         plan.launches = list(launches.values())
         for launch in plan.launches:
+            plan.launches_by_device.setdefault(launch.device, []).append(launch)
+            if launch.device not in self._grad_stats:
+                self._grad_stats[launch.device] = torch.zeros(2, dtype=torch.float64, device=launch.device)
+                self._found_inf[launch.device] = torch.zeros((), dtype=torch.float32, device=launch.device)
+        schedule = plan.schedule
+        if schedule is not None and schedule.per_step:
+            on_device = plan.launches_by_device.get(schedule.lrs.device)
+            if on_device:
+                on_device[-1].advances_schedule = True  # after every other launch on that device has read the lrs
+        for launch in plan.launches:
             launch.allocate_tables()
             self._cache_call(launch)
         return plan
@@ -221,15 +271,50 @@ class FusedOptimizer(torch.optim.Optimizer):
             hyper.extend([0.0] * (_ops.HYPER_SLOTS - len(values)))
         return hyper, lrs
 
-    def _op_arguments(self, launch):
+    def _op_arguments(self, launch, phases=UPDATE):
         grads = [p.grad for p in launch.params]
         if any(launch.is_complex):
             grads = [torch.view_as_real(g) if c else g for g, c in zip(grads, launch.is_complex)]
         per_tensor = list(launch.state_lists)
         per_tensor.append(launch.steps if self._uses_step else launch.fresh_state)
         hyper, lrs = self._group_arguments(launch)
+        schedule = getattr(self, "_device_schedule", None)
+        momenta = []
+        if schedule is not None and schedule.momenta is not None:
+            momenta = [schedule.momenta[index] for index in launch.group_indices]
+        scheduled = (schedule.lrs, schedule.momenta, schedule.state, schedule.program) if launch.advances_schedule \
+            else (None, None, None, None)
         return (launch.kernel_params, grads, *per_tensor, launch.group_ends, hyper, lrs,
-                launch.host_table, launch.device_table, *launch.options)
+                launch.host_table, launch.device_table, *launch.options,
+                momenta, None, None, None, self._grad_stats[launch.device], float(self.max_grad_norm or 0.0),
+                phases, *scheduled)
+
+    def _scaling(self, plan, grad_scaler):
+        """Per device: (grad_scale, skip_if, found_inf) op arguments for this step's GradScaler, if any."""
+        devices = list(plan.launches_by_device)
+        none = {device: (None, None, None) for device in devices}
+        if grad_scaler is None:
+            grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+            if grad_scale is None and found_inf is None:
+                return none
+            # GradScaler's newer contract: it has checked the grads already and hands over its verdict.
+            return {device: (self._on(grad_scale, device), self._on(found_inf, device), None) for device in devices}
+        scaler_state = grad_scaler._per_optimizer_states[id(self)]
+        if scaler_state["stage"] is OptState.READY and len(devices) > 1:
+            # One verdict must cover every device before any updates: let torch check (and unscale) first.
+            grad_scaler.unscale_(self)
+        if scaler_state["stage"] is OptState.UNSCALED:
+            # The grads were unscaled (and checked) by scaler.unscale_(): honour its verdict.
+            verdicts = list(scaler_state["found_inf_per_device"].values())
+            return {device: (None, sum(v.to(device, non_blocking=True) for v in verdicts) if verdicts else None,
+                             None) for device in devices}
+        scale = grad_scaler._get_scale_async()
+        scaler_state["found_inf_per_device"] = {device: self._found_inf[device] for device in devices}
+        return {device: (self._on(scale, device), None, self._found_inf[device]) for device in devices}
+
+    @staticmethod
+    def _on(tensor, device):
+        return None if tensor is None else tensor.to(device=device, dtype=torch.float32, non_blocking=True)
 
     def _current_plan(self):
         plan = getattr(self, "_plan", None)
@@ -242,17 +327,49 @@ class FusedOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             return [(_ops.op(self._op_name), self._op_arguments(launch)) for launch in self._current_plan().launches]
 
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scaler=None):
         if not _ops.EXTENSION_AVAILABLE:
-            return super().step(closure)  # torch.optim's implementation, on the same state
+            return self._unfused_step(closure, grad_scaler)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():
-            for launch in self._current_plan().launches:
-                launch.cached.run(*self._group_arguments(launch))
+            schedule = getattr(self, "_device_schedule", None)
+            if schedule is not None:
+                schedule._reinstall_lr_views()
+            plan = self._current_plan()
+            scaling = self._scaling(plan, grad_scaler)
+            for device, launches in plan.launches_by_device.items():
+                grad_scale, skip_if, found_inf = scaling[device]
+                if found_inf is None and not self.max_grad_norm:
+                    calls = [(launch, UPDATE) for launch in launches]
+                elif len(launches) == 1:  # reduce, grid barrier, update: one launch
+                    calls = [(launches[0], REDUCE_GRADS | UPDATE | RESET_STATS)]
+                else:  # every launch reduces before any updates
+                    calls = [(launch, REDUCE_GRADS) for launch in launches] + \
+                            [(launch, UPDATE) for launch in launches[:-1]] + [(launches[-1], UPDATE | RESET_STATS)]
+                for launch, phases in calls:
+                    hyper, lrs = self._group_arguments(launch)
+                    launch.cached.run({
+                        "hyper": hyper, "lrs": lrs, "grad_scale": grad_scale, "skip_if": skip_if,
+                        "found_inf": found_inf, "max_grad_norm": float(self.max_grad_norm or 0.0), "phases": phases,
+                    })
+            for launch in plan.launches:
                 if not self._uses_step and any(launch.fresh_state):
                     launch.fresh_state = [0] * len(launch.params)  # torch's buffers exist from now on
                     self._cache_call(launch)
         return loss
+
+    def _unfused_step(self, closure, grad_scaler):
+        """torch.optim's own step (no compiled extension), with GradScaler's and clipping's usual passes."""
+        if grad_scaler is not None:
+            scaler_state = grad_scaler._per_optimizer_states[id(self)]
+            if scaler_state["stage"] is OptState.READY:
+                grad_scaler.unscale_(self)
+            if sum(v.item() for v in scaler_state["found_inf_per_device"].values()):
+                return None
+        if self.max_grad_norm:
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        return super().step(closure)

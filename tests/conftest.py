@@ -225,6 +225,10 @@ def train(opt, problem, params, start, stop, via=None):
     with threads(1) if is_reference else contextlib.nullcontext():
         for t in range(start, stop):
             problem.set_grads(params, t, via=via)
+            if is_reference:  # torch's CUDA foreach Nesterov adds into the grads, which a stride-0 grad forbids
+                for p in params:
+                    if p.grad is not None and p.grad.numel() > 1 and 0 in p.grad.stride():
+                        p.grad = p.grad.clone()
             opt.step()
 
 

@@ -272,6 +272,18 @@ def test_cpu_step_is_one_fused_op(entry, opt_id):
 # --------------------------------------------------------------------------------------------------
 # Optimizer protocol: closures, zero_grad, add_param_group, hooks
 # --------------------------------------------------------------------------------------------------
+def _torch_adagrad_inits_added_groups():
+    first, added = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = torch.optim.Adagrad([first])
+    opt.add_param_group({"params": [added]})
+    first.grad, added.grad = torch.ones(2), torch.ones(2)
+    try:
+        opt.step()
+    except KeyError:
+        return False
+    return True
+
+
 def _pair(entry, device, problem, kwargs, groups=slice(None)):
     fp, rp = problem.params(torch.float32), problem.params(torch.float32)
     fused = entry.fused_cls(problem.param_arg(fp, entry.group_overrides)[groups], **kwargs)
@@ -344,6 +356,8 @@ def test_zero_grad(entry, set_to_none, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("entry,opt_id", option_params(representative_only=True))
 def test_add_param_group_mid_training(entry, opt_id, device):
+    if entry.torch_cls is torch.optim.Adagrad and not _torch_adagrad_inits_added_groups():
+        pytest.skip(f"torch {torch.__version__}'s Adagrad creates state only in its constructor (no reference)")
     problem = Problem("groups", device, seed=3)
     kwargs = entry.option_sets[opt_id]
     fused, fp, ref, rp = _pair(entry, device, problem, kwargs, groups=slice(0, 2))
