@@ -122,6 +122,14 @@ class _DeviceSchedule:
                     self.momenta[g].fill_(value)
 
     def _register(self):
+        """Makes this the schedule the optimizer's launches see. The optimizer advances at most one per-step
+        schedule; a per-epoch one beside it (e.g. ReduceLROnPlateau) must not displace it: the kernel reaches
+        the shared lrs and momenta through either."""
+        existing = getattr(self.optimizer, "_device_schedule", None)
+        if existing is not None and existing is not self and existing.per_step and not self.per_step:
+            if existing.momenta is None:
+                existing.momenta = self._shared["momenta"]
+            return
         self.optimizer._device_schedule = self
 
     def _set_program(self, rows, states):

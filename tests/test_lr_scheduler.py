@@ -547,3 +547,25 @@ def test_torch_schedulers_drive_fused_optimizers(fused_name, scheduler):
         fused_s.step()
     assert fused_s.get_last_lr() == torch_s.get_last_lr()
     assert_params_equal(fused_p, torch_p)
+
+
+def test_per_step_schedule_keeps_advancing_beside_a_plateau():
+    """A ReduceLROnPlateau created after a per-step schedule must not stop the optimizer advancing it; both
+    act on the same lr, as torch's two schedulers do on the group lr."""
+    fused_param, ref_param = torch.zeros(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+    fused = fusedopt.FusedSGD([fused_param], lr=0.1, momentum=0.9)
+    cosine = fused_sched.CosineAnnealingLR(fused, T_max=20, per_step=True)
+    plateau = fused_sched.ReduceLROnPlateau(fused, factor=0.5, patience=0)
+    ref = torch.optim.SGD([ref_param], lr=0.1, momentum=0.9)
+    ref_cosine = torch_sched.CosineAnnealingLR(ref, T_max=20)
+    ref_plateau = torch_sched.ReduceLROnPlateau(ref, factor=0.5, patience=0)
+    for step in range(16):
+        fused_param.grad, ref_param.grad = torch.ones(3), torch.ones(3)
+        fused.step()
+        ref.step()
+        ref_cosine.step()
+        if step % 4 == 3:  # an ever-worse metric: every plateau step reduces
+            plateau.step(torch.tensor(float(step)))
+            ref_plateau.step(float(step))
+        assert cosine.get_last_lr()[0] == pytest.approx(ref.param_groups[0]["lr"], rel=1e-12)
+    torch.testing.assert_close(fused_param, ref_param)
