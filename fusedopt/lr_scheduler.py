@@ -474,41 +474,34 @@ class OneCycleLR(_LeafSchedule):
             )
 
 
-class TimeBasedDecayLR(_LeafSchedule):
+class _SeedDecay(_LeafSchedule):
+    """The seed slides' decays: one parameter, the decay rate d >= 0."""
+
+    def __init__(self, optimizer, decay, last_epoch=-1, *, per_step=False):
+        self.decay = decay
+        super().__init__(optimizer, last_epoch, per_step=per_step)
+
+    def _check_arguments(self, last_epoch):
+        if not isinstance(self.decay, numbers.Real) or not self.decay >= 0:
+            raise ValueError(f"Expected non-negative decay, but got {self.decay}")
+
+    def _node_params(self, shadow, group, g):
+        return [self.decay]
+
+
+class TimeBasedDecayLR(_SeedDecay):
     r"""Time-based decay of the seed slides: :math:`\eta_{n+1} = \eta_n / (1 + d\,n)`, n = 0, 1, ... the epoch
     just finished, so :math:`\eta_1 = \eta_0` and :math:`\eta_2 = \eta_0 / (1 + d)`. ``decay`` is d >= 0."""
 
     _kind = "time_decay"
 
-    def __init__(self, optimizer, decay, last_epoch=-1, *, per_step=False):
-        self.decay = decay
-        super().__init__(optimizer, last_epoch, per_step=per_step)
 
-    def _check_arguments(self, last_epoch):
-        if not isinstance(self.decay, numbers.Real) or not self.decay >= 0:
-            raise ValueError(f"Expected non-negative decay, but got {self.decay}")
-
-    def _node_params(self, shadow, group, g):
-        return [self.decay]
-
-
-class ExponentialDecayLR(_LeafSchedule):
+class ExponentialDecayLR(_SeedDecay):
     r"""Exponential decay of the seed slides: :math:`\eta_n = \eta_0 e^{-d\,n}` at epoch n (n = 0 at
     construction), advanced as :math:`\eta_{n+1} = \eta_n e^{-d}` so that it chains like torch's schedulers.
     ``decay`` is d >= 0."""
 
     _kind = "exp_decay"
-
-    def __init__(self, optimizer, decay, last_epoch=-1, *, per_step=False):
-        self.decay = decay
-        super().__init__(optimizer, last_epoch, per_step=per_step)
-
-    def _check_arguments(self, last_epoch):
-        if not isinstance(self.decay, numbers.Real) or not self.decay >= 0:
-            raise ValueError(f"Expected non-negative decay, but got {self.decay}")
-
-    def _node_params(self, shadow, group, g):
-        return [self.decay]
 
 
 class ReduceLROnPlateau(_DeviceSchedule):
