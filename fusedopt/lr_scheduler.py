@@ -126,7 +126,10 @@ class _ScheduleSet:
         self.per_step = bool(self.stepping)
         self.program = self.state = None
         if len(self.stepping) == 1:
-            self.program, self.state = self.stepping[0].program, self.stepping[0].state
+            only = self.stepping[0]
+            if not only.state.is_contiguous():  # a view of the combined state of a set it shared before
+                only.state = only.state.contiguous()
+            self.program, self.state = only.program, only.state
         elif self.stepping:
             self._combine()
 
