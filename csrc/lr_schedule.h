@@ -27,7 +27,8 @@
 //   CYCLIC         max_lr, total_size, step_ratio, mode (0 triangular, 1 triangular2, 2 exp_range), gamma,
 //                  cycle_momentum, base_momentum, max_momentum
 //   ONE_CYCLE      total_steps, anneal (1 cos, 0 linear), cycle_momentum, n_phases, then per phase
-//                  end_step, start_lr, end_lr, start_momentum, end_momentum (values already resolved)
+//                  end_step, start_lr, end_lr, start_momentum, end_momentum as indices of the group values in
+//                  the node's state (torch reads group[key] at every step)
 //   TIME_DECAY     decay d             (lr_{n+1} = lr_n / (1 + d n))
 //   EXP_DECAY      decay d             (lr_n = lr_0 e^{-d n}, advanced as lr *= e^{-d})
 //   PLATEAU        mode_max, threshold, threshold_rel, factor, patience, cooldown, min_lr, eps
@@ -39,6 +40,8 @@
 // State words, relative to the node's state offset:
 //   every node     [0] last_epoch   [1] pending initial step (1: the next advance is the constructor's step)
 //   WARM_RESTARTS  [2] T_cur   [3] T_i
+//   ONE_CYCLE      [2..6] the group's initial_lr, max_lr, min_lr, max_momentum, base_momentum: a later
+//                  OneCycleLR / CyclicLR constructor overwrites them, as it overwrites torch's group keys
 //   PLATEAU        [2] best   [3] num_bad_epochs   [4] cooldown_counter
 #pragma once
 
@@ -302,14 +305,17 @@ C10_HOST_DEVICE inline void advance_leaf(const double* node, double* row_state, 
       if (epoch > total_steps) break;  // torch raises ValueError; the host checks per-epoch steps, the device holds
       const bool cosine = p[1] != 0.0, cycle_momentum = p[2] != 0.0;
       const int64_t phases = as_int(p[3]);
+      const double* group = s + kExtraState;
       double start_step = 0.0;
       for (int64_t i = 0; i < phases; ++i) {
         const double* phase = p + 4 + 5 * i;
         const double end_step = phase[0];
         if (double(epoch) <= end_step || i == phases - 1) {
           const double pct = (double(epoch) - start_step) / (end_step - start_step);
-          *lr = one_cycle_anneal(cosine, phase[1], phase[2], pct);
-          if (cycle_momentum && momentum != nullptr) *momentum = one_cycle_anneal(cosine, phase[3], phase[4], pct);
+          *lr = one_cycle_anneal(cosine, group[as_int(phase[1])], group[as_int(phase[2])], pct);
+          if (cycle_momentum && momentum != nullptr) {
+            *momentum = one_cycle_anneal(cosine, group[as_int(phase[3])], group[as_int(phase[4])], pct);
+          }
           break;
         }
         start_step = end_step;

@@ -6,6 +6,10 @@ kernel reads the lr from device memory. ``scheduler.step()`` is one tiny op (``t
 advance_schedule_``) with no host synchronization; with ``per_step=True`` the optimizer's own fused launch
 advances the schedule after every update and ``scheduler.step()`` does nothing.
 
+Several schedulers on one optimizer compose as torch's do on ``group["lr"]``: they share the lr (and cycled
+momentum) tensors; the per-epoch ones advance on their own ``step()``, the per-step ones all in the launch, in
+construction order (``_ScheduleSet``), so a torch loop that steps those first computes the same lrs.
+
 Layout of the device tensors (``program``, ``state``): see csrc/lr_schedule.h.
 
 Which calls read back from the device (synchronize): ``get_last_lr()``, ``get_last_momentum()``,
@@ -327,6 +331,8 @@ class _LeafSchedule(_DeviceSchedule):
             else:
                 momentum_init = [_group_momentum(g, momentum_key) for g in optimizer.param_groups]
         self._attach(optimizer, per_step, momentum_init)
+        for one_cycle in self._shared.setdefault("one_cycles", []):
+            one_cycle._load_group_values()  # torch's earlier OneCycleLRs read what this constructor wrote
         start_lrs = self._start_lrs(shadow, last_epoch)
         if start_lrs is not None:
             for view, value in zip(self._lr_views, start_lrs):
@@ -335,7 +341,7 @@ class _LeafSchedule(_DeviceSchedule):
         for g in range(len(optimizer.param_groups)):
             params = [float(v) for v in self._node_params(shadow, shadow_opt.param_groups[g], g)]
             rows.append([_KIND[self._kind], 0, _HEADER_WORDS + len(params), self.base_lrs[g], *params])
-            states.append([float(last_epoch), 1.0, *self._extra_state(shadow, last_epoch)])
+            states.append([float(last_epoch), 1.0, *self._extra_state(shadow, shadow_opt.param_groups[g], last_epoch)])
         self._set_program(rows, states)
         self._last_epoch = last_epoch
         self._advance()  # torch's _initial_step, on the device
@@ -368,7 +374,7 @@ class _LeafSchedule(_DeviceSchedule):
     def _node_params(self, shadow, group, g):
         return []
 
-    def _extra_state(self, shadow, last_epoch):
+    def _extra_state(self, shadow, group, last_epoch):
         return []
 
     def _check_step(self):
@@ -499,7 +505,7 @@ class CosineAnnealingWarmRestarts(_LeafSchedule):
     def _node_params(self, shadow, group, g):
         return [shadow.T_0, shadow.T_mult, shadow.eta_min]
 
-    def _extra_state(self, shadow, last_epoch):
+    def _extra_state(self, shadow, group, last_epoch):
         return [float(last_epoch), float(shadow.T_0)]  # T_cur, T_i as torch's constructor sets them
 
 
@@ -549,22 +555,40 @@ class OneCycleLR(_LeafSchedule):
 
     _kind, _torch_cls, _cycles_momentum = "one_cycle", _torch_sched.OneCycleLR, True
 
+    # The group keys torch's OneCycleLR reads at every step; the node's state holds their values (lr_schedule.h).
+    _GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
+
     def __init__(self, optimizer, max_lr, total_steps=None, epochs=None, steps_per_epoch=None, pct_start=0.3,
                  anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85, max_momentum=0.95,
                  div_factor=25.0, final_div_factor=1e4, three_phase=False, last_epoch=-1, *, per_step=False):
         super().__init__(optimizer, max_lr, total_steps, epochs, steps_per_epoch, pct_start, anneal_strategy,
                          cycle_momentum, base_momentum, max_momentum, div_factor, final_div_factor, three_phase,
                          last_epoch, per_step=per_step)
+        self._shared["one_cycles"].append(self)
 
     def _node_params(self, shadow, group, g):
         self.total_steps = shadow.total_steps
         words = [shadow.total_steps, float(shadow._anneal_func_type == "cos"), float(shadow.cycle_momentum),
                  len(shadow._schedule_phases)]
+        key = self._GROUP_KEYS.index
         for phase in shadow._schedule_phases:
-            momenta = ([float(group[phase["start_momentum"]]), float(group[phase["end_momentum"]])]
-                       if shadow.cycle_momentum else [0.0, 0.0])
-            words += [phase["end_step"], float(group[phase["start_lr"]]), float(group[phase["end_lr"]]), *momenta]
+            words += [phase["end_step"], key(phase["start_lr"]), key(phase["end_lr"]), key(phase["start_momentum"]),
+                      key(phase["end_momentum"])]
         return words
+
+    def _extra_state(self, shadow, group, last_epoch):
+        return [float(group.get(key, 0.0)) for key in self._GROUP_KEYS]
+
+    def _load_group_values(self):
+        """Copies the param groups' current values of _GROUP_KEYS into this node's state, wherever it runs now
+        (its own state, a view of the optimizer's per-step set, or its composite's): a device write, no sync."""
+        values = torch.tensor([[float(g.get(key, 0.0)) for key in self._GROUP_KEYS] for g in self.optimizer.param_groups],
+                              dtype=_F64)
+        state, at = self.state, _BASE_STATE_WORDS
+        if self._owner is not None:
+            index = next(i for i, s in enumerate(self._owner._schedulers) if s is self)
+            state, at = self._owner.state, self._owner._child_state_offsets[index] + _BASE_STATE_WORDS
+        state[:, at:at + len(self._GROUP_KEYS)] = values.to(state.device)
 
     def _check_derived(self, shadow):
         phases = shadow._schedule_phases

@@ -12,8 +12,8 @@ Seeded random configurations, each run step by step beside torch:
   fp64 and fp32, params and every state buffer compared with torch's tolerances.
 
 A fixed number of seeds runs by default; FUSEDOPT_DIFF_SEEDS=N runs N seeds of each (e.g. 1000 for a soak).
-Known, documented differences from torch (README "Differences from torch") are kept out of the generator:
-a OneCycleLR followed by another momentum-writing scheduler, and inputs on which torch divides by zero.
+Inputs on which torch divides by zero (fusedopt raises ValueError at construction instead: see
+test_lr_scheduler.py) are kept out of the generator.
 """
 import inspect
 import io
@@ -63,11 +63,15 @@ def _per_group(rng, value, groups, spread=0.5):
     return value if rng.random() < 0.5 else [value * (1 - spread * rng.random()) for _ in range(groups)]
 
 
-def random_leaf(rng, groups, cycling, onecycle):
-    """(class name, kwargs) of a random leaf scheduler that torch and fusedopt both accept."""
-    names = ["StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR", "CosineAnnealingLR",
-             "CosineAnnealingWarmRestarts", "CyclicLR"] + (["OneCycleLR"] if onecycle else [])
-    name = rng.choice(names)
+LEAF_NAMES = ("StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR", "CosineAnnealingLR",
+              "CosineAnnealingWarmRestarts", "CyclicLR", "OneCycleLR")
+
+
+def random_leaf(rng, groups, cycling, name=None):
+    """(class name, kwargs) of a random leaf scheduler that torch and fusedopt both accept; ``name`` forces the
+    class (and momentum cycling, where the optimizer has a momentum)."""
+    forced = name is not None
+    name = name or rng.choice(LEAF_NAMES)
     if name == "StepLR":
         return name, dict(step_size=rng.randint(1, 6), gamma=rng.choice([0.1, 0.5, 0.9, 1.1]))
     if name == "MultiStepLR":
@@ -86,7 +90,7 @@ def random_leaf(rng, groups, cycling, onecycle):
         return name, dict(T_max=_count(rng, 0.5, 15), eta_min=rng.choice([0.0, 1e-3]))
     if name == "CosineAnnealingWarmRestarts":
         return name, dict(T_0=rng.randint(1, 8), T_mult=rng.randint(1, 3), eta_min=rng.choice([0.0, 1e-4]))
-    momentum = cycling and rng.random() < 0.7
+    momentum = cycling and (forced or rng.random() < 0.7)
     bounds = dict(base_momentum=rng.uniform(0.5, 0.85), max_momentum=rng.uniform(0.86, 0.95)) if momentum else {}
     if name == "CyclicLR":
         return name, dict(base_lr=_per_group(rng, rng.uniform(1e-3, 0.05), groups),
@@ -109,15 +113,9 @@ def random_schedule_config(seed):
     opt_kwargs = SCHEDULE_OPTIMIZERS[optimizer][2](rng)
     cycling = optimizer not in ("adagrad", "adadelta")
     groups = len(GROUP_SHAPES)
-    # torch's OneCycleLR reads its bounds from the param group at every step, where a later OneCycleLR or
-    # momentum-cycling CyclicLR overwrites them (a documented difference): none after a OneCycleLR.
-    state = dict(onecycle=True, cycling=cycling)
 
     def leaf():
-        name, kwargs = random_leaf(rng, groups, state["cycling"], state["onecycle"])
-        if name == "OneCycleLR":
-            state.update(onecycle=False, cycling=False)
-        return name, kwargs
+        return random_leaf(rng, groups, cycling)
 
     schedulers = []
     for _ in range(rng.randint(1, 3)):
@@ -135,6 +133,10 @@ def random_schedule_config(seed):
             else:
                 schedulers.append(dict(kind="ChainedScheduler", children=children, child_per_step=child_per_step,
                                        per_step=per_step))
+    if cycling and rng.random() < 0.15:  # a OneCycleLR whose group bounds a later constructor overwrites
+        for name in ("OneCycleLR", rng.choice(["OneCycleLR", "CyclicLR"])):
+            schedulers.append(dict(kind="leaf", leaf=random_leaf(rng, groups, cycling, name),
+                                   per_step=rng.random() < 0.5))
     if rng.random() < 0.4:
         plateau = dict(mode=rng.choice(["min", "max"]), factor=rng.uniform(0.1, 0.9), patience=rng.randint(0, 3),
                        threshold=rng.choice([1e-4, 0.05]), threshold_mode=rng.choice(["rel", "abs"]),
@@ -340,3 +342,12 @@ def test_generator_covers_the_issue():
     leaves = [s["leaf"] for s in specs if s["kind"] == "leaf"] + [l for s in specs for l in s.get("children", [])]
     assert any(isinstance(k.get("T_max"), float) for _, k in leaves)
     assert {n for n, _ in leaves} >= {"CyclicLR", "OneCycleLR", "CosineAnnealingLR", "StepLR"}
+    # a OneCycleLR before another OneCycleLR or momentum-cycling CyclicLR (torch re-reads the group bounds)
+    assert any("OneCycleLR" in _momentum_writers(c)[:-1] for c in configs)
+
+
+def _momentum_writers(config):
+    leaves = []
+    for spec in config["schedulers"]:
+        leaves += [spec["leaf"]] if spec["kind"] == "leaf" else spec.get("children", [])
+    return [name for name, kwargs in leaves if name in ("CyclicLR", "OneCycleLR") and kwargs["cycle_momentum"]]

@@ -800,3 +800,33 @@ def test_division_by_zero_raises_at_construction(make):
     with pytest.raises(ValueError, match="ZeroDivisionError"):
         make(fused_sched, fused)
     assert math.isfinite(_lr(fused))
+
+
+@pytest.mark.parametrize("second", ["OneCycleLR", "CyclicLR"])
+@pytest.mark.parametrize("composite", [False, True], ids=["leaf", "in_chained"])
+@pytest.mark.parametrize("per_step", [False, True])
+def test_onecycle_reads_bounds_a_later_constructor_wrote(second, composite, per_step):
+    """Issue 5: torch's OneCycleLR reads max/min lr and the momentum bounds from the param group at every step,
+    where a later OneCycleLR (or a momentum-cycling CyclicLR) constructor overwrote them."""
+    fused, fused_p, ref, torch_p = _ones_grad_pair()
+    built = []
+    for module, opt, extra in ((fused_sched, fused, dict(per_step=per_step)), (torch_sched, ref, {})):
+        first = module.OneCycleLR(opt, max_lr=0.5, total_steps=30, base_momentum=0.7, max_momentum=0.9,
+                                  **({} if composite else extra))
+        if composite:
+            first = module.ChainedScheduler([first], **extra)
+        if second == "OneCycleLR":
+            later = module.OneCycleLR(opt, max_lr=0.2, total_steps=60, div_factor=5.0, base_momentum=0.6,
+                                      max_momentum=0.8, **extra)
+        else:
+            later = module.CyclicLR(opt, 0.01, 0.1, step_size_up=4, base_momentum=0.5, max_momentum=0.85, **extra)
+        built.append((first, later))
+    for step in range(25):
+        fused_p.grad, torch_p.grad = torch.ones_like(fused_p), torch.ones_like(torch_p)
+        fused.step()
+        ref.step()
+        for sched in built[0] + built[1]:
+            sched.step()
+        assert _lr(fused) == pytest.approx(_lr(ref), rel=1e-9), step
+        assert fused._device_schedule.momenta.tolist() == pytest.approx(torch_momenta(ref), rel=1e-9), step
+    torch.testing.assert_close(fused_p, torch_p, **PARAM_TOL)
