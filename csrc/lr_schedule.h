@@ -246,11 +246,15 @@ C10_HOST_DEVICE inline void advance_leaf(const double* node, double* row_state, 
         *lr = eta_min + (base_lr - eta_min) * (1 + ::cos(kPi * double(epoch) / t_max)) / 2;
       } else if (initial) {
         // unchanged
-      } else if (py_fmod(double(epoch - 1) - t_max, 2 * t_max) == 0) {
-        *lr = *lr + (base_lr - eta_min) * (1 - ::cos(kPi / t_max)) / 2;
       } else {
-        *lr = (1 + ::cos(kPi * double(epoch) / t_max)) / (1 + ::cos(kPi * double(epoch - 1) / t_max)) * (*lr - eta_min) +
-              eta_min;
+        const double previous = 1 + ::cos(kPi * double(epoch - 1) / t_max);
+        // previous == 0 is the restart epoch that the modulo test misses by a rounding with a float T_max:
+        // torch divides by zero there (ZeroDivisionError); the device takes the restart branch, finite.
+        if (py_fmod(double(epoch - 1) - t_max, 2 * t_max) == 0 || previous == 0.0) {
+          *lr = *lr + (base_lr - eta_min) * (1 - ::cos(kPi / t_max)) / 2;
+        } else {
+          *lr = (1 + ::cos(kPi * double(epoch) / t_max)) / previous * (*lr - eta_min) + eta_min;
+        }
       }
       break;
     }

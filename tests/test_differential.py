@@ -254,7 +254,14 @@ def test_random_schedules_match_torch(seed):
         set_grads(fused_params, config, step)
         torch_opt.step()
         fused_opt.step()
-        step_schedulers(torch_built, config["metrics"][step])
+        try:
+            step_schedulers(torch_built, config["metrics"][step])
+        except ZeroDivisionError:
+            # A float T_max whose restart epoch the modulo test misses by a rounding: torch divides by zero.
+            # fusedopt cannot raise on the device; its lr must stay finite (it takes the restart branch).
+            step_schedulers(fused_built, config["metrics"][step])
+            assert all(math.isfinite(float(g["lr"])) for g in fused_opt.param_groups), config
+            break
         step_schedulers(fused_built, config["metrics"][step])
         check(f"step {step}")
     assert_matches(fused_opt, [p for g in fused_params for p in g], torch_opt, [p for g in torch_params for p in g],

@@ -830,3 +830,24 @@ def test_onecycle_reads_bounds_a_later_constructor_wrote(second, composite, per_
         assert _lr(fused) == pytest.approx(_lr(ref), rel=1e-9), step
         assert fused._device_schedule.momenta.tolist() == pytest.approx(torch_momenta(ref), rel=1e-9), step
     torch.testing.assert_close(fused_p, torch_p, **PARAM_TOL)
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_cosine_float_t_max_restart_missed_by_rounding_stays_finite(per_step):
+    """T_max=0.56: at epoch 15, (14 - 0.56) % 1.12 rounds to nonzero, so torch takes the ratio form and divides
+    by 1 + cos(25 pi) == 0 (ZeroDivisionError). The device takes the restart branch: a finite lr."""
+    fused, _, ref, _ = _ones_grad_pair()
+    sched = fused_sched.CosineAnnealingLR(fused, T_max=0.56, per_step=per_step)
+    ref_sched = torch_sched.CosineAnnealingLR(ref, T_max=0.56)
+    for epoch in range(1, 15):
+        fused.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+        assert _lr(fused) == pytest.approx(_lr(ref), rel=1e-9, abs=1e-15), epoch
+    fused.step()
+    sched.step()
+    with pytest.raises(ZeroDivisionError):
+        ref_sched.step()
+    restart = _lr(ref) + 0.1 * (1 - math.cos(math.pi / 0.56)) / 2  # torch's restart branch, eta_min 0
+    assert _lr(fused) == pytest.approx(restart, rel=1e-12)
