@@ -28,7 +28,7 @@ from torch.optim import lr_scheduler as torch_sched
 import fusedopt
 from fusedopt import lr_scheduler as fused_sched
 
-from conftest import IGNORED_FLAGS, ILL_CONDITIONED_FP32_TOLERANCE, TOLERANCES, assert_matches
+from conftest import DEVICES, IGNORED_FLAGS, ILL_CONDITIONED_FP32_TOLERANCE, TOLERANCES, assert_matches
 from registry import ENTRIES
 
 pytestmark = pytest.mark.skipif(not fusedopt._ops.EXTENSION_AVAILABLE, reason="needs the compiled extension")
@@ -154,9 +154,9 @@ def random_schedule_config(seed):
 
 
 # ---- building and running ----
-def make_params(seed):
+def make_params(seed, device):
     gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(shape, generator=gen, dtype=F64)] for shape in GROUP_SHAPES]
+    return [[torch.randn(shape, generator=gen, dtype=F64).to(device)] for shape in GROUP_SHAPES]
 
 
 def make_optimizer(config, fused, params):
@@ -205,7 +205,7 @@ def set_grads(params, config, step):
     gen = torch.Generator().manual_seed(10_000 * config["seed"] + step)
     for group in params:
         for p in group:
-            grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            grad = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
             p.grad = None if step in config["no_grad_steps"] else grad
 
 
@@ -231,9 +231,10 @@ def round_trip(config, fused_opt, fused_params, built):
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 @pytest.mark.parametrize("seed", SCHEDULE_SEEDS)
-def test_random_schedules_match_torch(seed):
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_schedules_match_torch(device, seed):
     config = random_schedule_config(seed)
-    torch_params, fused_params = make_params(seed), make_params(seed)
+    torch_params, fused_params = make_params(seed, device), make_params(seed, device)
     torch_opt, fused_opt = make_optimizer(config, False, torch_params), make_optimizer(config, True, fused_params)
     torch_built, fused_built = build_schedulers(config, False, torch_opt), build_schedulers(config, True, fused_opt)
 
