@@ -5,8 +5,9 @@
 // double precision and in the operation order of torch's Python, so sequences agree with torch to rounding.
 //
 // ---- Layout -------------------------------------------------------------------------------------------
-// A schedule is a tree of nodes, one level deep at most: a leaf, or a composite (SequentialLR,
-// ChainedScheduler) whose children are leaves. Each param group g owns one row of the program tensor
+// A schedule is a tree of nodes: a leaf, or a composite (SequentialLR, ChainedScheduler) whose children are
+// leaves. An optimizer with several per-step schedulers runs them under one MULTI root, whose children are
+// whole schedules (leaves or composites), each with its own program and state words. Each param group g owns one row of the program tensor
 // (float64 [G, P], read-only) and one row of the state tensor (float64 [G, S]); integers are stored as
 // doubles. The root node starts at program word 0. Per-group values (base lr, max_lr, min_lr, momenta ...)
 // are simply different numbers in each group's row.
@@ -26,15 +27,21 @@
 //   CYCLIC         max_lr, total_size, step_ratio, mode (0 triangular, 1 triangular2, 2 exp_range), gamma,
 //                  cycle_momentum, base_momentum, max_momentum
 //   ONE_CYCLE      total_steps, anneal (1 cos, 0 linear), cycle_momentum, n_phases, then per phase
-//                  end_step, start_lr, end_lr, start_momentum, end_momentum (values already resolved)
+//                  end_step, start_lr, end_lr, start_momentum, end_momentum as indices of the group values in
+//                  the node's state (torch reads group[key] at every step)
 //   TIME_DECAY     decay d             (lr_{n+1} = lr_n / (1 + d n))
 //   EXP_DECAY      decay d             (lr_n = lr_0 e^{-d n}, advanced as lr *= e^{-d})
 //   PLATEAU        mode_max, threshold, threshold_rel, factor, patience, cooldown, min_lr, eps
 //   SEQUENTIAL     n, then n child offsets (program words from the row start), then n - 1 milestones
 //   CHAINED        n, then n child offsets
+//   MULTI          n, then n pairs (program offset, state offset) from the row start: each child is a whole
+//                  schedule (its own child offsets and state offsets are relative to these), advanced in order
+// Counts and lengths (T_max, total_iters, ...) are doubles as torch allows floats (T_max = 2.5 is not 2).
 // State words, relative to the node's state offset:
 //   every node     [0] last_epoch   [1] pending initial step (1: the next advance is the constructor's step)
 //   WARM_RESTARTS  [2] T_cur   [3] T_i
+//   ONE_CYCLE      [2..6] the group's initial_lr, max_lr, min_lr, max_momentum, base_momentum: a later
+//                  OneCycleLR / CyclicLR constructor overwrites them, as it overwrites torch's group keys
 //   PLATEAU        [2] best   [3] num_bad_epochs   [4] cooldown_counter
 #pragma once
 
@@ -61,6 +68,7 @@ enum ScheduleKind : int64_t {
   kPlateau = 13,
   kSequential = 20,
   kChained = 21,
+  kMulti = 22,
 };
 
 namespace schedule_detail {
@@ -78,6 +86,16 @@ C10_HOST_DEVICE inline int64_t as_int(double v) { return static_cast<int64_t>(v)
 C10_HOST_DEVICE inline int64_t py_mod(int64_t a, int64_t b) {
   const int64_t r = a % b;
   return r < 0 ? r + b : r;
+}
+// Python's float % (the sign of the divisor), exact like fmod.
+C10_HOST_DEVICE inline double py_fmod(double a, double b) {
+  double r = ::fmod(a, b);
+  if (r != 0.0) {
+    if ((b < 0) != (r < 0)) r += b;
+  } else {
+    r = ::copysign(0.0, b);
+  }
+  return r;
 }
 C10_HOST_DEVICE inline int64_t py_floordiv(int64_t a, int64_t b) {
   const int64_t q = a / b;
@@ -179,27 +197,25 @@ C10_HOST_DEVICE inline void advance_leaf(const double* node, double* row_state, 
       break;
     }
     case kConstant: {
-      const double factor = p[0];
-      const int64_t total_iters = as_int(p[1]);
+      const double factor = p[0], total_iters = p[1];
       if (closed_form) {
-        *lr = base_lr * (factor + (epoch >= total_iters ? (1 - factor) : 0.0));
+        *lr = base_lr * (factor + (double(epoch) >= total_iters ? (1 - factor) : 0.0));
       } else if (epoch == 0) {
         *lr = *lr * factor;
-      } else if (epoch == total_iters) {
+      } else if (double(epoch) == total_iters) {
         *lr = *lr * (1.0 / factor);
       }
       break;
     }
     case kLinear: {
-      const double start = p[0], end = p[1];
-      const int64_t total_iters = as_int(p[2]);
+      const double start = p[0], end = p[1], total_iters = p[2];
       if (closed_form) {
-        const int64_t done = total_iters < epoch ? total_iters : epoch;
-        *lr = base_lr * (start + (end - start) * double(done) / double(total_iters));
+        const double done = total_iters < double(epoch) ? total_iters : double(epoch);  // Python's min
+        *lr = base_lr * (start + (end - start) * done / total_iters);
       } else if (epoch == 0) {
         *lr = *lr * start;
-      } else if (!(initial || epoch > total_iters)) {
-        *lr = *lr * (1.0 + (end - start) / (double(total_iters) * start + double(epoch - 1) * (end - start)));
+      } else if (!(initial || double(epoch) > total_iters)) {
+        *lr = *lr * (1.0 + (end - start) / (total_iters * start + double(epoch - 1) * (end - start)));
       }
       break;
     }
@@ -212,32 +228,33 @@ C10_HOST_DEVICE inline void advance_leaf(const double* node, double* row_state, 
       break;
     }
     case kPolynomial: {
-      const int64_t total_iters = as_int(p[0]);
-      const double power = p[1];
+      const double total_iters = p[0], power = p[1];
       if (closed_form) {
-        const int64_t done = total_iters < epoch ? total_iters : epoch;
-        *lr = base_lr * ::pow(1.0 - double(done) / double(total_iters), power);
-      } else if (!(initial || epoch > total_iters)) {
-        const double decay_factor = ::pow((1.0 - double(epoch) / double(total_iters)) /
-                                              (1.0 - double(epoch - 1) / double(total_iters)),
+        const double done = total_iters < double(epoch) ? total_iters : double(epoch);
+        *lr = base_lr * ::pow(1.0 - done / total_iters, power);
+      } else if (!(initial || double(epoch) > total_iters)) {
+        const double decay_factor = ::pow((1.0 - double(epoch) / total_iters) /
+                                              (1.0 - double(epoch - 1) / total_iters),
                                           power);
         *lr = *lr * decay_factor;
       }
       break;
     }
     case kCosine: {
-      const int64_t t_max = as_int(p[0]);
-      const double eta_min = p[1];
+      const double t_max = p[0], eta_min = p[1];
       if (closed_form) {
-        *lr = eta_min + (base_lr - eta_min) * (1 + ::cos(kPi * double(epoch) / double(t_max))) / 2;
+        *lr = eta_min + (base_lr - eta_min) * (1 + ::cos(kPi * double(epoch) / t_max)) / 2;
       } else if (initial) {
         // unchanged
-      } else if (py_mod(epoch - 1 - t_max, 2 * t_max) == 0) {
-        *lr = *lr + (base_lr - eta_min) * (1 - ::cos(kPi / double(t_max))) / 2;
       } else {
-        *lr = (1 + ::cos(kPi * double(epoch) / double(t_max))) /
-                  (1 + ::cos(kPi * double(epoch - 1) / double(t_max))) * (*lr - eta_min) +
-              eta_min;
+        const double previous = 1 + ::cos(kPi * double(epoch - 1) / t_max);
+        // previous == 0 is the restart epoch that the modulo test misses by a rounding with a float T_max:
+        // torch divides by zero there (ZeroDivisionError); the device takes the restart branch, finite.
+        if (py_fmod(double(epoch - 1) - t_max, 2 * t_max) == 0 || previous == 0.0) {
+          *lr = *lr + (base_lr - eta_min) * (1 - ::cos(kPi / t_max)) / 2;
+        } else {
+          *lr = (1 + ::cos(kPi * double(epoch) / t_max)) / previous * (*lr - eta_min) + eta_min;
+        }
       }
       break;
     }
@@ -292,14 +309,17 @@ C10_HOST_DEVICE inline void advance_leaf(const double* node, double* row_state, 
       if (epoch > total_steps) break;  // torch raises ValueError; the host checks per-epoch steps, the device holds
       const bool cosine = p[1] != 0.0, cycle_momentum = p[2] != 0.0;
       const int64_t phases = as_int(p[3]);
+      const double* group = s + kExtraState;
       double start_step = 0.0;
       for (int64_t i = 0; i < phases; ++i) {
         const double* phase = p + 4 + 5 * i;
         const double end_step = phase[0];
         if (double(epoch) <= end_step || i == phases - 1) {
           const double pct = (double(epoch) - start_step) / (end_step - start_step);
-          *lr = one_cycle_anneal(cosine, phase[1], phase[2], pct);
-          if (cycle_momentum && momentum != nullptr) *momentum = one_cycle_anneal(cosine, phase[3], phase[4], pct);
+          *lr = one_cycle_anneal(cosine, group[as_int(phase[1])], group[as_int(phase[2])], pct);
+          if (cycle_momentum && momentum != nullptr) {
+            *momentum = one_cycle_anneal(cosine, group[as_int(phase[3])], group[as_int(phase[4])], pct);
+          }
           break;
         }
         start_step = end_step;
@@ -327,14 +347,9 @@ C10_HOST_DEVICE inline void advance_leaf(const double* node, double* row_state, 
   }
 }
 
-}  // namespace schedule_detail
-
-// Advances one param group's schedule by one step: reads the current *lr (and *momentum when non-null),
-// writes the next ones. `program` is the group's read-only row of the program tensor, `state` its row of the
-// state tensor; `metric` is the ReduceLROnPlateau metric (nullptr otherwise).
-C10_HOST_DEVICE inline void advance_schedule(const double* program, double* state, double* lr, double* momentum,
-                                             const double* metric) {
-  using namespace schedule_detail;
+// One step of one schedule (a leaf or a composite) whose program and state start at `program` and `state`.
+C10_HOST_DEVICE inline void advance_node(const double* program, double* state, double* lr, double* momentum,
+                                         const double* metric) {
   const int64_t kind = as_int(program[kKind]);
   if (kind != kSequential && kind != kChained) {
     advance_leaf(program, state, lr, momentum, metric, Advance::kStep);
@@ -369,6 +384,26 @@ C10_HOST_DEVICE inline void advance_schedule(const double* program, double* stat
   const bool at_milestone = idx > 0 && as_int(milestones[idx - 1]) == epoch;
   advance_leaf(program + as_int(child_offsets[idx]), state, lr, momentum, metric,
                at_milestone ? Advance::kRestartAtZero : Advance::kStep);
+}
+
+}  // namespace schedule_detail
+
+// Advances one param group's schedule by one step: reads the current *lr (and *momentum when non-null),
+// writes the next ones. `program` is the group's read-only row of the program tensor, `state` its row of the
+// state tensor; `metric` is the ReduceLROnPlateau metric (nullptr otherwise).
+C10_HOST_DEVICE inline void advance_schedule(const double* program, double* state, double* lr, double* momentum,
+                                             const double* metric) {
+  using namespace schedule_detail;
+  if (as_int(program[kKind]) != kMulti) {
+    advance_node(program, state, lr, momentum, metric);
+    return;
+  }
+  // Several schedulers on one optimizer: each steps the shared lr in turn, as torch's do on group["lr"].
+  const int64_t n = as_int(program[kParams]);
+  const double* offsets = program + kParams + 1;
+  for (int64_t i = 0; i < n; ++i) {
+    advance_node(program + as_int(offsets[2 * i]), state + as_int(offsets[2 * i + 1]), lr, momentum, metric);
+  }
 }
 
 }  // namespace fusedopt

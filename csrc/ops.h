@@ -125,7 +125,8 @@ void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList moment
   std::vector<at::TensorList> states;
   if (momentum) states.push_back(momentum_buffers);
   TORCH_CHECK(momentum || momentum_buffers.empty(), "fusedopt.sgd_: momentum_buffers given without momentum");
-  TORCH_CHECK(!nesterov || momentum, "fusedopt.sgd_: Nesterov momentum requires a momentum");
+  // torch's SGD runs plain SGD for momentum 0 whatever nesterov says (it validates only its defaults).
+  nesterov = nesterov && momentum;
   launch<Runner>(
       StepInputs{"sgd_", params, grads, states, false, {}, fresh_state, group_ends, hyper, lrs, host_table,
                  device_table, 1, FUSEDOPT_EXTRAS},

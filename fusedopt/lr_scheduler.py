@@ -6,6 +6,10 @@ kernel reads the lr from device memory. ``scheduler.step()`` is one tiny op (``t
 advance_schedule_``) with no host synchronization; with ``per_step=True`` the optimizer's own fused launch
 advances the schedule after every update and ``scheduler.step()`` does nothing.
 
+Several schedulers on one optimizer compose as torch's do on ``group["lr"]``: they share the lr (and cycled
+momentum) tensors; the per-epoch ones advance on their own ``step()``, the per-step ones all in the launch, in
+construction order (``_ScheduleSet``), so a torch loop that steps those first computes the same lrs.
+
 Layout of the device tensors (``program``, ``state``): see csrc/lr_schedule.h.
 
 Which calls read back from the device (synchronize): ``get_last_lr()``, ``get_last_momentum()``,
@@ -31,7 +35,7 @@ __all__ = [
 # Schedule kinds: ScheduleKind in csrc/lr_schedule.h.
 _KIND = dict(step=1, multi_step=2, constant=3, linear=4, exponential=5, polynomial=6, cosine=7,
              warm_restarts=8, cyclic=9, one_cycle=10, time_decay=11, exp_decay=12, plateau=13,
-             sequential=20, chained=21)
+             sequential=20, chained=21, multi=22)
 _HEADER_WORDS = 4  # kind, state offset, node length, base lr
 _STATE_OFFSET_WORD = 1
 _BASE_STATE_WORDS = 2  # last_epoch, pending initial step
@@ -93,10 +97,86 @@ def _group_momentum(group, key):
     return float(group["betas"][0]) if key == "betas" else float(group["momentum"])
 
 
+def _reinstall_lr_views(optimizer, views):
+    """Puts ``views[g]`` back as ``group["lr"]`` wherever something else replaced it (e.g. the optimizer's
+    load_state_dict), copying that value into the view first (a device copy or fill: no sync)."""
+    groups = optimizer.param_groups
+    if len(groups) != len(views):
+        raise RuntimeError(
+            f"the optimizer has {len(groups)} param groups but its fusedopt scheduler was built for "
+            f"{len(views)}; construct the scheduler again after add_param_group()"
+        )
+    for group, view in zip(groups, views):
+        lr = group["lr"]
+        if lr is view:
+            continue
+        if torch.is_tensor(lr):
+            view.copy_(lr.detach().reshape(()))
+        else:
+            view.fill_(float(lr))
+        group["lr"] = view
+
+
+class _ScheduleSet:
+    """``optimizer._device_schedule``: what the optimizer's launches see of every fusedopt scheduler attached to
+    it. ``lrs`` and ``momenta`` are the tensors all of them share (the kernel reads them), and ``program`` /
+    ``state`` advance every per-step scheduler, in construction order, inside the fused launch: one scheduler's
+    own tensors, or a MULTI root over several (csrc/lr_schedule.h) whose state the schedulers then view. A new
+    set object replaces the old one whenever the membership changes, so the optimizer's cached plan notices."""
+
+    def __init__(self, optimizer, shared, stepping):
+        self.optimizer, self._shared, self.stepping = optimizer, shared, list(stepping)
+        self.lrs, self.momenta = shared["lrs"], shared["momenta"]
+        self.per_step = bool(self.stepping)
+        self.program = self.state = None
+        if len(self.stepping) == 1:
+            only = self.stepping[0]
+            if not only.state.is_contiguous():  # a view of the combined state of a set it shared before
+                only.state = only.state.contiguous()
+            self.program, self.state = only.program, only.state
+        elif self.stepping:
+            self._combine()
+
+    def _combine(self):
+        """One MULTI program over the per-step schedulers; their state moves into one tensor they view."""
+        groups, n = self.lrs.numel(), len(self.stepping)
+        header_len = _HEADER_WORDS + 1 + 2 * n
+        pairs, program_at, state_at = [], header_len, 0
+        for s in self.stepping:
+            pairs += [program_at, state_at]
+            program_at += s._program_host.shape[1]
+            state_at += s.state.shape[1]
+        header = torch.tensor([[_KIND["multi"], 0, header_len, 0.0, n, *pairs]] * groups, dtype=_F64)
+        self.program = torch.cat([header] + [s._program_host for s in self.stepping], dim=1).to(self.lrs.device)
+        self.state = torch.cat([s.state for s in self.stepping], dim=1).contiguous()
+        for s, at in zip(self.stepping, pairs[1::2]):
+            s.state = self.state[:, at:at + s.state.shape[1]]
+
+    def _reinstall_lr_views(self):
+        _reinstall_lr_views(self.optimizer, self._shared["views"])
+
+    def _advance(self):
+        """The per-step advance, as its own op: for a step whose launches did not run (no param had a grad)."""
+        self._reinstall_lr_views()
+        _ops.op("advance_schedule_")(self.lrs, self.state, self.program, self.momenta, None)
+
+
+def _step_post_hook(optimizer, args, kwargs):
+    """torch's loop steps its schedulers whether or not any param had a grad; the fused launch advances a
+    per-step schedule only when it runs, so a step without one advances it here."""
+    schedules = getattr(optimizer, "_device_schedule", None)
+    if not isinstance(schedules, _ScheduleSet) or not schedules.per_step:
+        return
+    plan = getattr(optimizer, "_plan", None)
+    if plan is None or not any(getattr(launch, "advances_schedule", False) for launch in plan.launches):
+        schedules._advance()
+
+
 class _DeviceSchedule:
     """What the fused kernel and the op read: ``lrs`` (f64 [G]), ``momenta`` (f64 [G] or None), ``program``
     (f64 [G, P]), ``state`` (f64 [G, S]), ``per_step``. All schedulers of one optimizer share ``lrs`` (and
-    ``momenta``), so two of them stepping the same optimizer compose as torch's do."""
+    ``momenta``), so two of them stepping the same optimizer compose as torch's do; the optimizer sees them
+    through one ``_ScheduleSet``."""
 
     _owner = None  # the SequentialLR/ChainedScheduler that took this scheduler over
 
@@ -121,16 +201,21 @@ class _DeviceSchedule:
                 if value is not None:
                     self.momenta[g].fill_(value)
 
-    def _register(self):
-        """Makes this the schedule the optimizer's launches see. The optimizer advances at most one per-step
-        schedule; a per-epoch one beside it (e.g. ReduceLROnPlateau) must not displace it: the kernel reaches
-        the shared lrs and momenta through either."""
-        existing = getattr(self.optimizer, "_device_schedule", None)
-        if existing is not None and existing is not self and existing.per_step and not self.per_step:
-            if existing.momenta is None:
-                existing.momenta = self._shared["momenta"]
-            return
-        self.optimizer._device_schedule = self
+    def _register(self, taken_over=()):
+        """Adds this scheduler to the set the optimizer's launches see (replacing the set: a new plan). Every
+        scheduler keeps working beside the others: per-step ones all advance in the launch, in construction
+        order; the kernel reads the shared lrs and momenta whoever set them. ``taken_over``: children a
+        composite now runs, which leave the set."""
+        optimizer = self.optimizer
+        existing = getattr(optimizer, "_device_schedule", None)
+        stepping = []
+        if isinstance(existing, _ScheduleSet) and existing._shared is self._shared:
+            stepping = [s for s in existing.stepping if not any(s is t for t in taken_over)]
+        if self.per_step:
+            stepping.append(self)
+        optimizer._device_schedule = _ScheduleSet(optimizer, self._shared, stepping)
+        if getattr(optimizer, "_fusedopt_schedule_hook", None) is None:
+            optimizer._fusedopt_schedule_hook = optimizer.register_step_post_hook(_step_post_hook)
 
     def _set_program(self, rows, states):
         self._program_host = torch.tensor(rows, dtype=_F64)
@@ -138,23 +223,7 @@ class _DeviceSchedule:
         self.state = torch.tensor(states, dtype=_F64).to(self.device)
 
     def _reinstall_lr_views(self):
-        """Puts ``self.lrs[g]`` back as ``group["lr"]`` wherever something else replaced it (e.g. the optimizer's
-        load_state_dict), copying that value into ``self.lrs[g]`` first (a device copy or fill: no sync)."""
-        groups = self.optimizer.param_groups
-        if len(groups) != len(self._lr_views):
-            raise RuntimeError(
-                f"the optimizer has {len(groups)} param groups but its fusedopt scheduler was built for "
-                f"{len(self._lr_views)}; construct the scheduler again after add_param_group()"
-            )
-        for group, view in zip(groups, self._lr_views):
-            lr = group["lr"]
-            if lr is view:
-                continue
-            if torch.is_tensor(lr):
-                view.copy_(lr.detach().reshape(()))
-            else:
-                view.fill_(float(lr))
-            group["lr"] = view
+        _reinstall_lr_views(self.optimizer, self._lr_views)
 
     def _advance(self, metric=None):
         self._reinstall_lr_views()
@@ -241,6 +310,7 @@ class _LeafSchedule(_DeviceSchedule):
         shadow_opt = _shadow_optimizer(optimizer)
         torch_cls = self._torch_cls or _ShadowScheduler
         shadow = torch_cls(shadow_opt, *args, **kwargs)  # torch's validation and exceptions
+        self._check_derived(shadow)
         last_epoch = shadow.last_epoch - 1  # before torch's initial step
         # torch's constructor writes group keys (initial_lr, max_lr, momentum bounds ...); copy them as floats.
         momentum_key = _momentum_key(optimizer)
@@ -261,6 +331,8 @@ class _LeafSchedule(_DeviceSchedule):
             else:
                 momentum_init = [_group_momentum(g, momentum_key) for g in optimizer.param_groups]
         self._attach(optimizer, per_step, momentum_init)
+        for one_cycle in self._shared.setdefault("one_cycles", []):
+            one_cycle._load_group_values()  # torch's earlier OneCycleLRs read what this constructor wrote
         start_lrs = self._start_lrs(shadow, last_epoch)
         if start_lrs is not None:
             for view, value in zip(self._lr_views, start_lrs):
@@ -269,15 +341,28 @@ class _LeafSchedule(_DeviceSchedule):
         for g in range(len(optimizer.param_groups)):
             params = [float(v) for v in self._node_params(shadow, shadow_opt.param_groups[g], g)]
             rows.append([_KIND[self._kind], 0, _HEADER_WORDS + len(params), self.base_lrs[g], *params])
-            states.append([float(last_epoch), 1.0, *self._extra_state(shadow, last_epoch)])
+            states.append([float(last_epoch), 1.0, *self._extra_state(shadow, shadow_opt.param_groups[g], last_epoch)])
         self._set_program(rows, states)
         self._last_epoch = last_epoch
         self._advance()  # torch's _initial_step, on the device
+        self._after_initial_step(shadow_opt)
         self._last_epoch += 1
         self._register()
 
     def _check_arguments(self, *args, **kwargs):
         """Checks torch's constructor would not make, for arguments the device cannot honour."""
+
+    def _check_derived(self, shadow):
+        """Checks after torch's constructor accepted the arguments: inputs for which torch divides by zero in a
+        later step (ZeroDivisionError) raise ValueError here, where the device would compute NaN instead."""
+
+    def _after_initial_step(self, shadow_opt):
+        """Corrections to the device's initial step where torch's constructor computes it differently."""
+
+    @staticmethod
+    def _zero_division(message):
+        return ValueError(f"{message}: torch raises ZeroDivisionError there, and fusedopt's device schedule would "
+                          "set the learning rate to NaN")
 
     def _base_lrs(self, shadow):
         return shadow.base_lrs
@@ -289,7 +374,7 @@ class _LeafSchedule(_DeviceSchedule):
     def _node_params(self, shadow, group, g):
         return []
 
-    def _extra_state(self, shadow, last_epoch):
+    def _extra_state(self, shadow, group, last_epoch):
         return []
 
     def _check_step(self):
@@ -348,6 +433,11 @@ class ConstantLR(_LeafSchedule):
     def _node_params(self, shadow, group, g):
         return [shadow.factor, shadow.total_iters]
 
+    def _check_derived(self, shadow):
+        total = shadow.total_iters
+        if shadow.factor == 0 and total > 0 and float(total).is_integer():
+            raise self._zero_division(f"ConstantLR with factor=0 divides the lr by the factor at epoch {total}")
+
 
 class LinearLR(_LeafSchedule):
     """torch.optim.lr_scheduler.LinearLR (linear warm-up / decay of a multiplicative factor)."""
@@ -359,6 +449,7 @@ class LinearLR(_LeafSchedule):
         super().__init__(optimizer, start_factor, end_factor, total_iters, last_epoch, per_step=per_step)
 
     def _node_params(self, shadow, group, g):
+        self.total_iters = shadow.total_iters  # as torch's attribute; SequentialLR checks it
         return [shadow.start_factor, shadow.end_factor, shadow.total_iters]
 
 
@@ -383,6 +474,7 @@ class PolynomialLR(_LeafSchedule):
         super().__init__(optimizer, total_iters, power, last_epoch, per_step=per_step)
 
     def _node_params(self, shadow, group, g):
+        self.total_iters = shadow.total_iters  # as torch's attribute; SequentialLR checks it
         return [shadow.total_iters, shadow.power]
 
 
@@ -397,6 +489,10 @@ class CosineAnnealingLR(_LeafSchedule):
     def _node_params(self, shadow, group, g):
         return [shadow.T_max, shadow.eta_min]
 
+    def _check_derived(self, shadow):
+        if shadow.T_max == 0:
+            raise self._zero_division("CosineAnnealingLR with T_max=0 divides by T_max at its first step")
+
 
 class CosineAnnealingWarmRestarts(_LeafSchedule):
     """torch.optim.lr_scheduler.CosineAnnealingWarmRestarts (step() without an epoch)."""
@@ -409,7 +505,7 @@ class CosineAnnealingWarmRestarts(_LeafSchedule):
     def _node_params(self, shadow, group, g):
         return [shadow.T_0, shadow.T_mult, shadow.eta_min]
 
-    def _extra_state(self, shadow, last_epoch):
+    def _extra_state(self, shadow, group, last_epoch):
         return [float(last_epoch), float(shadow.T_0)]  # T_cur, T_i as torch's constructor sets them
 
 
@@ -435,6 +531,16 @@ class CyclicLR(_LeafSchedule):
     def _start_lrs(self, shadow, last_epoch):
         return shadow.base_lrs if last_epoch == -1 else None
 
+    def _check_derived(self, shadow):
+        if shadow.step_ratio == 0:
+            raise self._zero_division("CyclicLR with step_size_up=0 divides by it at the start of every cycle")
+
+    def _after_initial_step(self, shadow_opt):
+        # torch's constructor steps with the group's initial_lr as base (its base_lr replaces base_lrs only
+        # afterwards): the first lr is initial_lr where another scheduler set it first. The shadow ran exactly that.
+        for view, group in zip(self._lr_views, shadow_opt.param_groups):
+            view.fill_(float(group["lr"]))
+
     def _node_params(self, shadow, group, g):
         momentum = shadow.cycle_momentum
         return [float(shadow.max_lrs[g]), shadow.total_size, shadow.step_ratio, self._MODES[shadow.mode],
@@ -449,22 +555,48 @@ class OneCycleLR(_LeafSchedule):
 
     _kind, _torch_cls, _cycles_momentum = "one_cycle", _torch_sched.OneCycleLR, True
 
+    # The group keys torch's OneCycleLR reads at every step; the node's state holds their values (lr_schedule.h).
+    _GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
+
     def __init__(self, optimizer, max_lr, total_steps=None, epochs=None, steps_per_epoch=None, pct_start=0.3,
                  anneal_strategy="cos", cycle_momentum=True, base_momentum=0.85, max_momentum=0.95,
                  div_factor=25.0, final_div_factor=1e4, three_phase=False, last_epoch=-1, *, per_step=False):
         super().__init__(optimizer, max_lr, total_steps, epochs, steps_per_epoch, pct_start, anneal_strategy,
                          cycle_momentum, base_momentum, max_momentum, div_factor, final_div_factor, three_phase,
                          last_epoch, per_step=per_step)
+        self._shared["one_cycles"].append(self)
 
     def _node_params(self, shadow, group, g):
         self.total_steps = shadow.total_steps
         words = [shadow.total_steps, float(shadow._anneal_func_type == "cos"), float(shadow.cycle_momentum),
                  len(shadow._schedule_phases)]
+        key = self._GROUP_KEYS.index
         for phase in shadow._schedule_phases:
-            momenta = ([float(group[phase["start_momentum"]]), float(group[phase["end_momentum"]])]
-                       if shadow.cycle_momentum else [0.0, 0.0])
-            words += [phase["end_step"], float(group[phase["start_lr"]]), float(group[phase["end_lr"]]), *momenta]
+            words += [phase["end_step"], key(phase["start_lr"]), key(phase["end_lr"]), key(phase["start_momentum"]),
+                      key(phase["end_momentum"])]
         return words
+
+    def _extra_state(self, shadow, group, last_epoch):
+        return [float(group.get(key, 0.0)) for key in self._GROUP_KEYS]
+
+    def _load_group_values(self):
+        """Copies the param groups' current values of _GROUP_KEYS into this node's state, wherever it runs now
+        (its own state, a view of the optimizer's per-step set, or its composite's): a device write, no sync."""
+        values = torch.tensor([[float(g.get(key, 0.0)) for key in self._GROUP_KEYS] for g in self.optimizer.param_groups],
+                              dtype=_F64)
+        state, at = self.state, _BASE_STATE_WORDS
+        if self._owner is not None:
+            index = next(i for i, s in enumerate(self._owner._schedulers) if s is self)
+            state, at = self._owner.state, self._owner._child_state_offsets[index] + _BASE_STATE_WORDS
+        state[:, at:at + len(self._GROUP_KEYS)] = values.to(state.device)
+
+    def _check_derived(self, shadow):
+        phases = shadow._schedule_phases
+        start = phases[-2]["end_step"] if len(phases) > 1 else 0
+        if phases[-1]["end_step"] == start:
+            raise self._zero_division(
+                f"OneCycleLR's last phase has zero length (it ends at step {start}, where the previous one ends): "
+                f"step {shadow.total_steps} divides by that length")
 
     def _check_step(self):
         if self._last_epoch + 1 > self.total_steps:
@@ -627,7 +759,17 @@ class _CompositeSchedule(_DeviceSchedule):
         self._child_state_offsets = child_state_offsets
         for s in schedulers:
             s._owner = self
-        self._register()
+
+    def state_dict(self):
+        """The base state, plus the children's host step counters (their per-epoch checks read them)."""
+        state = super().state_dict()
+        state["children_last_epoch"] = [s._last_epoch for s in self._schedulers]
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for s, epoch in zip(self._schedulers, state_dict.get("children_last_epoch", ())):
+            s._last_epoch = epoch
 
 
 class SequentialLR(_CompositeSchedule):
@@ -646,6 +788,7 @@ class SequentialLR(_CompositeSchedule):
                 f"than the number of milestone points, but got number of schedulers {len(schedulers)} and the "
                 f"number of milestones to be equal to {len(milestones)}"
             )
+        self._check_restarts(schedulers)
         self._compose(optimizer, schedulers, milestones, per_step)
         # torch: reset the lrs to initial_lr, undo the children's initial steps, then only the scheduler of
         # epoch 0 makes its initial step (on the device: the pending flag of this node).
@@ -659,16 +802,30 @@ class SequentialLR(_CompositeSchedule):
         self._last_epoch = last_epoch + 1
         self._advance()
         schedulers[bisect_right(self._milestones, 0)]._last_epoch += 1
+        self._register(taken_over=schedulers)
+
+    @staticmethod
+    def _check_restarts(schedulers):
+        """A child after a milestone restarts with torch's closed form, which divides by total_iters."""
+        for idx, child in enumerate(schedulers[1:], start=1):
+            if isinstance(child, (LinearLR, PolynomialLR)) and child.total_iters == 0:
+                raise _LeafSchedule._zero_division(
+                    f"SequentialLR restarts its {type(child).__name__} at index {idx} with its closed form, which "
+                    "divides by total_iters=0")
 
     def step(self):
         """Advances the active child by one epoch (one op, no sync); no-op with ``per_step=True``."""
         if self.per_step:
             return
-        self._advance()
-        self._last_epoch += 1
-        idx = bisect_right(self._milestones, self._last_epoch)
+        epoch = self._last_epoch + 1
+        idx = bisect_right(self._milestones, epoch)
         child = self._schedulers[idx]
-        child._last_epoch = 0 if idx > 0 and self._milestones[idx - 1] == self._last_epoch else child._last_epoch + 1
+        restart = idx > 0 and self._milestones[idx - 1] == epoch
+        if not restart:
+            child._check_step()  # e.g. OneCycleLR past total_steps: torch's ValueError, before anything changes
+        self._advance()
+        self._last_epoch = epoch
+        child._last_epoch = 0 if restart else child._last_epoch + 1
 
 
 class ChainedScheduler(_CompositeSchedule):
@@ -685,6 +842,7 @@ class ChainedScheduler(_CompositeSchedule):
         self._check_children(optimizer, schedulers)
         self._compose(optimizer, schedulers, [], per_step)
         self._last_epoch = 0
+        self._register(taken_over=schedulers)
 
     def step(self):
         """Steps every child once (one op, no sync); no-op with ``per_step=True``."""

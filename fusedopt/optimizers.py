@@ -22,7 +22,10 @@ class FusedSGD(FusedOptimizer, torch.optim.SGD):
     _uses_step = False
 
     def _options(self, group):
-        return (group["momentum"] != 0, group["nesterov"], group["maximize"])
+        # torch checks nesterov against momentum/dampening only in the constructor's defaults; a group with
+        # momentum 0 runs plain SGD whatever its nesterov says (and nesterov with dampening runs as written).
+        momentum = group["momentum"] != 0
+        return (momentum, momentum and group["nesterov"], group["maximize"])
 
     def _hyper(self, group):
         return (group["lr"], group["momentum"], group["dampening"], group["weight_decay"])

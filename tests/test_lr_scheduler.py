@@ -481,7 +481,8 @@ def test_own_errors():
 def test_registers_on_the_optimizer_and_installs_views():
     opt = fusedopt.FusedAdam(param_groups(make_params("cpu")))
     sched = fused_sched.OneCycleLR(opt, max_lr=0.01, total_steps=10)
-    assert opt._device_schedule is sched and sched.per_step is False
+    assert opt._device_schedule.stepping == [] and opt._device_schedule.momenta is sched.momenta
+    assert opt._device_schedule.lrs is sched.lrs and sched.per_step is False
     assert sched.lrs.dtype == torch.float64 and sched.lrs.shape == (2,)
     assert sched.program.is_contiguous() and sched.state.is_contiguous() and sched.program.shape[0] == 2
     for g, group in enumerate(opt.param_groups):
@@ -569,3 +570,284 @@ def test_per_step_schedule_keeps_advancing_beside_a_plateau():
             ref_plateau.step(float(step))
         assert cosine.get_last_lr()[0] == pytest.approx(ref.param_groups[0]["lr"], rel=1e-12)
     torch.testing.assert_close(fused_param, ref_param)
+
+
+# ---- issue 14: several schedulers on one optimizer, and the divergences a differential run found ----
+def _ones_grad_pair(momentum=0.9, n=3):
+    """A fused and a torch SGD on one float64 param each, lr 0.1; grads are ones."""
+    fused_p = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    torch_p = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    return (fusedopt.FusedSGD([fused_p], lr=0.1, momentum=momentum), fused_p,
+            torch.optim.SGD([torch_p], lr=0.1, momentum=momentum), torch_p)
+
+
+def _lr(opt):
+    return float(opt.param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("second", ["ReduceLROnPlateau", "StepLR"])
+def test_momentum_cycling_survives_a_later_scheduler(optimizer, second):
+    """Bug 1: a per-epoch scheduler built after OneCycleLR must not drop the cycled momentum / beta1."""
+    fused_cls, torch_cls, kwargs = OPTIMIZERS[optimizer]
+    fused_p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    torch_p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    fused_opt, torch_opt = fused_cls([fused_p], lr=0.1, **kwargs), torch_cls([torch_p], lr=0.1, **kwargs)
+    pairs = []
+    for module, opt in ((fused_sched, fused_opt), (torch_sched, torch_opt)):
+        s1 = module.OneCycleLR(opt, max_lr=1.0, total_steps=10)
+        s2 = module.ReduceLROnPlateau(opt) if second == "ReduceLROnPlateau" else module.StepLR(opt, 3)
+        pairs.append((s1, s2))
+    for step in range(6):
+        for p, opt, (s1, s2) in ((fused_p, fused_opt, pairs[0]), (torch_p, torch_opt, pairs[1])):
+            p.grad = torch.full_like(p, 1.0 + step)
+            opt.step()
+            s1.step()
+            s2.step(1.0) if second == "ReduceLROnPlateau" else s2.step()
+        assert pairs[0][0].get_last_momentum() == pytest.approx(torch_momenta(torch_opt), rel=1e-12)
+        assert _lr(fused_opt) == pytest.approx(_lr(torch_opt), rel=1e-12)
+        torch.testing.assert_close(fused_p, torch_p, **PARAM_TOL)
+
+
+def test_issue_reproducer_onecycle_then_plateau():
+    fused, fused_p, ref, torch_p = _ones_grad_pair()
+    s1, s2 = fused_sched.OneCycleLR(fused, max_lr=1.0, total_steps=10), fused_sched.ReduceLROnPlateau(fused)
+    r1, r2 = torch_sched.OneCycleLR(ref, max_lr=1.0, total_steps=10), torch_sched.ReduceLROnPlateau(ref)
+    for _ in range(4):
+        fused_p.grad, torch_p.grad = torch.ones_like(fused_p), torch.ones_like(torch_p)
+        fused.step()
+        ref.step()
+        s1.step()
+        s2.step(1.0)
+        r1.step()
+        r2.step(1.0)
+    assert torch_p[0].item() == pytest.approx(-6.7185, abs=1e-4)  # the issue's torch value
+    torch.testing.assert_close(fused_p, torch_p, **PARAM_TOL)
+
+
+@pytest.mark.parametrize("modes", ["step+step", "step+epoch", "epoch+step", "epoch+epoch"])
+def test_two_schedulers_compose_as_torch(modes):
+    """Bug 2: ExponentialLR(0.5) and StepLR(2, 0.1) on one optimizer: each advances, per step or per epoch.
+    torch steps them in construction order; fusedopt's launch advances the per-step ones before the per-epoch
+    ones' step() calls, so torch's loop below steps the per-step ones first."""
+    first_per_step, second_per_step = (m == "step" for m in modes.split("+"))
+    fused, fused_p, ref, torch_p = _ones_grad_pair(momentum=0.0)
+    a = fused_sched.ExponentialLR(fused, 0.5, per_step=first_per_step)
+    b = fused_sched.StepLR(fused, 2, 0.1, per_step=second_per_step)
+    ra, rb = torch_sched.ExponentialLR(ref, 0.5), torch_sched.StepLR(ref, 2, 0.1)
+    order = sorted([(ra, first_per_step), (rb, second_per_step)], key=lambda pair: not pair[1])
+    fused_lrs, torch_lrs = [], []
+    for _ in range(6):
+        fused_p.grad, torch_p.grad = torch.ones_like(fused_p), torch.ones_like(torch_p)
+        fused.step()
+        ref.step()
+        a.step()
+        b.step()
+        for sched, _ in order:
+            sched.step()
+        fused_lrs.append(_lr(fused))
+        torch_lrs.append(_lr(ref))
+    assert fused_lrs == pytest.approx(torch_lrs, rel=1e-12)
+    if modes == "step+step":
+        assert torch_lrs[:4] == pytest.approx([0.05, 0.0025, 0.00125, 6.25e-05])
+        assert a.last_epoch == b.last_epoch == 6
+    torch.testing.assert_close(fused_p, torch_p, **PARAM_TOL)
+
+
+def test_three_per_step_schedulers_and_a_composite():
+    """Per-step schedulers (a leaf, a SequentialLR over two leaves, a CyclicLR) all advance in the launch."""
+    fused, fused_p, ref, torch_p = _ones_grad_pair()
+    built = []
+    for module, opt, extra in ((fused_sched, fused, dict(per_step=True)), (torch_sched, ref, {})):
+        exp = module.ExponentialLR(opt, 0.97, **extra)
+        seq = module.SequentialLR(opt, [module.ConstantLR(opt, 0.5, total_iters=3),
+                                        module.CosineAnnealingLR(opt, T_max=7.5)], milestones=[4], **extra)
+        cyc = module.CyclicLR(opt, 0.01, 0.2, step_size_up=3, **extra)
+        built.append((exp, seq, cyc))
+    assert _lr(fused) == pytest.approx(_lr(ref), rel=1e-12)
+    for step in range(20):
+        fused_p.grad, torch_p.grad = torch.full_like(fused_p, 0.5), torch.full_like(torch_p, 0.5)
+        fused.step()
+        ref.step()
+        for sched in built[1]:
+            sched.step()
+        assert _lr(fused) == pytest.approx(_lr(ref), rel=1e-9), step
+        assert built[0][2].get_last_momentum() == pytest.approx(torch_momenta(ref), rel=1e-9)
+    assert built[0][1].last_epoch == built[1][1].last_epoch
+    torch.testing.assert_close(fused_p, torch_p, **PARAM_TOL)
+
+
+def test_per_step_schedule_advances_on_a_step_without_grads():
+    """Issue 7: torch's loop steps the scheduler even when no param had a grad; so does the fused step."""
+    fused, fused_p, ref, torch_p = _ones_grad_pair()
+    sched = fused_sched.StepLR(fused, 2, 0.5, per_step=True)
+    ref_sched = torch_sched.StepLR(ref, 2, 0.5)
+    for step in range(7):
+        grad = None if step in (1, 2, 5) else torch.ones_like(fused_p)
+        fused_p.grad, torch_p.grad = grad, None if grad is None else grad.clone()
+        fused.step()
+        ref.step()
+        ref_sched.step()
+        assert _lr(fused) == _lr(ref), step
+    assert sched.last_epoch == ref_sched.last_epoch
+    torch.testing.assert_close(fused_p, torch_p, **PARAM_TOL)
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+@pytest.mark.parametrize("T_max", [2.5, 7.25, 3])
+def test_cosine_float_t_max(T_max, per_step):
+    """Issue 7: torch computes CosineAnnealingLR with a float T_max as given (no truncation)."""
+    fused, fused_p, ref, torch_p = _ones_grad_pair()
+    sched = fused_sched.CosineAnnealingLR(fused, T_max=T_max, eta_min=0.01, per_step=per_step)
+    ref_sched = torch_sched.CosineAnnealingLR(ref, T_max=T_max, eta_min=0.01)
+    for step in range(25):
+        fused_p.grad, torch_p.grad = torch.ones_like(fused_p), torch.ones_like(torch_p)
+        fused.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+        assert _lr(fused) == pytest.approx(_lr(ref), rel=1e-12, abs=1e-15), step
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+@pytest.mark.parametrize("name, kwargs", [("ConstantLR", dict(factor=0.25, total_iters=2.5)),
+                                          ("LinearLR", dict(start_factor=0.2, total_iters=3.5)),
+                                          ("PolynomialLR", dict(total_iters=4.5, power=1.5))])
+def test_float_total_iters(name, kwargs):
+    fused, _, ref, _ = _ones_grad_pair()
+    sched, ref_sched = getattr(fused_sched, name)(fused, **kwargs), getattr(torch_sched, name)(ref, **kwargs)
+    for step in range(8):
+        sched.step()
+        ref_sched.step()
+        assert _lr(fused) == pytest.approx(_lr(ref), rel=1e-12), step
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_cyclic_after_another_scheduler_starts_at_initial_lr():
+    """Issue 4: torch's CyclicLR constructor steps with the group's initial_lr (set by the earlier scheduler)."""
+    fused, _, ref, _ = _ones_grad_pair()
+    lrs = []
+    for module, opt in ((fused_sched, fused), (torch_sched, ref)):
+        chained = module.ChainedScheduler([module.StepLR(opt, 3, 0.5), module.CyclicLR(opt, 0.01, 0.1, step_size_up=4)])
+        seq = [_lr(opt)]
+        for _ in range(10):
+            chained.step()
+            seq.append(_lr(opt))
+        lrs.append(seq)
+    assert lrs[1][0] == 0.1
+    assert lrs[0] == pytest.approx(lrs[1], rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_onecycle_in_sequential_past_total_steps_raises_like_torch():
+    """Issue 6: torch's ValueError from the OneCycleLR child, raised before anything changes."""
+    fused, _, ref, _ = _ones_grad_pair()
+    scheds = [module.SequentialLR(opt, [module.ConstantLR(opt, 0.5, total_iters=2),
+                                        module.OneCycleLR(opt, max_lr=0.5, total_steps=4)], milestones=[3])
+              for module, opt in ((fused_sched, fused), (torch_sched, ref))]
+    for _ in range(7):
+        for s in scheds:
+            s.step()
+    error_type, message = _torch_error(scheds[1].step)
+    lr_before = _lr(fused)
+    with pytest.raises(error_type) as raised:
+        scheds[0].step()
+    assert str(raised.value) == message
+    assert _lr(fused) == lr_before
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_chained_state_dict_restores_children_counters():
+    """Issue 6: after a round trip the OneCycleLR child raises at the same step as without one (and as torch)."""
+    def build_chain(module, opt):
+        return module.ChainedScheduler([module.ExponentialLR(opt, 0.9), module.OneCycleLR(opt, 0.5, total_steps=6)])
+
+    fused, _, ref, _ = _ones_grad_pair()
+    chain, ref_chain = build_chain(fused_sched, fused), build_chain(torch_sched, ref)
+    for _ in range(3):
+        chain.step()
+        ref_chain.step()
+    state = chain.state_dict()
+    resumed_opt = _ones_grad_pair()[0]
+    resumed = build_chain(fused_sched, resumed_opt)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        resumed.step()
+        ref_chain.step()
+        assert _lr(resumed_opt) == pytest.approx(_lr(ref), rel=1e-12)
+    error_type, message = _torch_error(ref_chain.step)
+    with pytest.raises(error_type) as raised:
+        resumed.step()
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, o: m.ConstantLR(o, factor=0.0, total_iters=3),
+    lambda m, o: m.CosineAnnealingLR(o, T_max=0),
+    lambda m, o: m.OneCycleLR(o, max_lr=0.5, total_steps=5, pct_start=1.0),
+    lambda m, o: m.SequentialLR(o, [m.ExponentialLR(o, 0.9), m.LinearLR(o, 0.5, total_iters=0)], milestones=[2]),
+    lambda m, o: m.SequentialLR(o, [m.ExponentialLR(o, 0.9), m.PolynomialLR(o, total_iters=0)], milestones=[2]),
+], ids=["constant_factor0", "cosine_tmax0", "onecycle_empty_last_phase", "sequential_linear0", "sequential_poly0"])
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_division_by_zero_raises_at_construction(make):
+    """Issue 6: inputs on which torch raises ZeroDivisionError in a later step raise ValueError at construction,
+    leaving the lr finite (never NaN)."""
+    fused, _, ref, _ = _ones_grad_pair()
+    torch_sched_ = make(torch_sched, ref)
+    with pytest.raises(ZeroDivisionError):
+        for _ in range(10):
+            torch_sched_.step()
+    with pytest.raises(ValueError, match="ZeroDivisionError"):
+        make(fused_sched, fused)
+    assert math.isfinite(_lr(fused))
+
+
+@pytest.mark.parametrize("second", ["OneCycleLR", "CyclicLR"])
+@pytest.mark.parametrize("composite", [False, True], ids=["leaf", "in_chained"])
+@pytest.mark.parametrize("per_step", [False, True])
+def test_onecycle_reads_bounds_a_later_constructor_wrote(second, composite, per_step):
+    """Issue 5: torch's OneCycleLR reads max/min lr and the momentum bounds from the param group at every step,
+    where a later OneCycleLR (or a momentum-cycling CyclicLR) constructor overwrote them."""
+    fused, fused_p, ref, torch_p = _ones_grad_pair()
+    built = []
+    for module, opt, extra in ((fused_sched, fused, dict(per_step=per_step)), (torch_sched, ref, {})):
+        first = module.OneCycleLR(opt, max_lr=0.5, total_steps=30, base_momentum=0.7, max_momentum=0.9,
+                                  **({} if composite else extra))
+        if composite:
+            first = module.ChainedScheduler([first], **extra)
+        if second == "OneCycleLR":
+            later = module.OneCycleLR(opt, max_lr=0.2, total_steps=60, div_factor=5.0, base_momentum=0.6,
+                                      max_momentum=0.8, **extra)
+        else:
+            later = module.CyclicLR(opt, 0.01, 0.1, step_size_up=4, base_momentum=0.5, max_momentum=0.85, **extra)
+        built.append((first, later))
+    for step in range(25):
+        fused_p.grad, torch_p.grad = torch.ones_like(fused_p), torch.ones_like(torch_p)
+        fused.step()
+        ref.step()
+        for sched in built[0] + built[1]:
+            sched.step()
+        assert _lr(fused) == pytest.approx(_lr(ref), rel=1e-9), step
+        assert fused._device_schedule.momenta.tolist() == pytest.approx(torch_momenta(ref), rel=1e-9), step
+    torch.testing.assert_close(fused_p, torch_p, **PARAM_TOL)
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_cosine_float_t_max_restart_missed_by_rounding_stays_finite(per_step):
+    """T_max=0.56: at epoch 15, (14 - 0.56) % 1.12 rounds to nonzero, so torch takes the ratio form and divides
+    by 1 + cos(25 pi) == 0 (ZeroDivisionError). The device takes the restart branch: a finite lr."""
+    fused, _, ref, _ = _ones_grad_pair()
+    sched = fused_sched.CosineAnnealingLR(fused, T_max=0.56, per_step=per_step)
+    ref_sched = torch_sched.CosineAnnealingLR(ref, T_max=0.56)
+    for epoch in range(1, 15):
+        fused.step()
+        ref.step()
+        sched.step()
+        ref_sched.step()
+        assert _lr(fused) == pytest.approx(_lr(ref), rel=1e-9, abs=1e-15), epoch
+    fused.step()
+    sched.step()
+    with pytest.raises(ZeroDivisionError):
+        ref_sched.step()
+    restart = _lr(ref) + 0.1 * (1 - math.cos(math.pi / 0.56)) / 2  # torch's restart branch, eta_min 0
+    assert _lr(fused) == pytest.approx(restart, rel=1e-12)
