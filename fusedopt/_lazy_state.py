@@ -11,7 +11,6 @@ shape, dtype or device) raises before any state is created, converted or updated
   `RuntimeError` naming the param (group index and position) and the key.
 - `create_state` then fills each row's state as torch's `_init_group` would, and returns it.
 """
-import numbers
 from dataclasses import dataclass
 
 import torch
@@ -84,14 +83,12 @@ def _check_buffer(optimizer, group_index, position, param, key, value):
 
 
 def _check_step(optimizer, group_index, position, param, step):
-    """torch keeps `step` as a 1-element tensor (a number in old checkpoints); fusedopt converts either."""
-    if torch.is_tensor(step):
-        ok = step.numel() == 1 and not step.is_complex()
-    else:
-        ok = isinstance(step, numbers.Real)
-    if not ok:
+    """torch requires a 1-element tensor (it raises RuntimeError for a number); fusedopt converts its dtype and
+    device, as torch's own kernels accept any."""
+    if not (torch.is_tensor(step) and step.numel() == 1 and not step.is_complex()):
         shown = _describe(step) if torch.is_tensor(step) else type(step).__name__
-        raise RuntimeError(f"{_where(optimizer, group_index, position, 'step')} is {shown}, not a step count")
+        raise RuntimeError(f"{_where(optimizer, group_index, position, 'step')} is {shown}, not a 1-element "
+                           "real tensor")
 
 
 def create_state(optimizer, row):
