@@ -4,8 +4,9 @@ Each Fused* class subclasses the torch.optim class it replaces: construction, va
 groups, hooks, ``state_dict``/``load_state_dict`` and ``__setstate__`` are torch's own, and so is the fallback
 ``step`` when the compiled extension is missing. This class replaces ``step`` with one fused op call per
 (device, dtype, option set) and owns what that needs: lazy state creation with torch's state keys, and a cached
-launch plan (the tensor lists and the device tables the kernels walk), rebuilt only when the set of params with
-gradients, the param groups, the options, the state object or the attached device LR schedule change.
+launch plan (the tensor lists and the device tables the kernels walk), rebuilt when the set of params with
+gradients, the param groups or their params, the options, `optimizer.state` or any state entry or tensor in it,
+or the attached device LR schedule change: a fused step updates exactly the tensors `optimizer.state` shows.
 
 Inside the same launch the kernels also unscale gradients for ``torch.amp.GradScaler`` and skip the whole
 update when one is inf/NaN, clip the global gradient norm (``max_grad_norm``), and advance a per-step device
@@ -19,6 +20,7 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 from . import _lazy_state, _ops
+from ._plan_sources import PlanSources
 
 # StepPhase in csrc/step_table.h
 REDUCE_GRADS, UPDATE, RESET_STATS = 1, 2, 4
@@ -216,7 +218,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         rows = _lazy_state.read_rows(self)  # raises like torch, before anything below writes
         plan = _Plan(self)
         launches = {}
-        sources = []  # per planned param: (param, its state tensors as optimizer.state holds them, step)
+        watched = PlanSources(self)
         for row in rows:
             param, group = row.param, self.param_groups[row.group_index]
             state = _lazy_state.create_state(self, row)
@@ -227,9 +229,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             if key not in launches:
                 launches[key] = _Launch(param.device, key[2])
             launches[key].add(row.group_index, param, states, step, row.fresh)
-            sources.append((param, [t for t in states if t is not None], step))
+            watched.add(row, state, [t for t in states if t is not None], step, launches[key])
         plan.launches = list(launches.values())
-        plan.guard = self._plan_guard(rows, sources, plan.launches)
+        plan.guard = watched.guard()
         for launch in plan.launches:
             plan.launches_by_device.setdefault(launch.device, []).append(launch)
             if launch.device not in self._grad_stats:
@@ -244,21 +246,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             launch.allocate_tables()
             self._cache_call(launch)
         return plan
-
-    def _plan_guard(self, rows, sources, launches):
-        """What the plan was read from, recorded after every state write of the build (see PlanGuard)."""
-        containers = [group["params"] for group in self.param_groups] + [self.state]
-        containers += [self.state[row.param] for row in rows if row.keeps_state]
-        params, states, steps = (list(column) for column in zip(*sources)) if sources else ([], [], [])
-        # complex params and states reach the kernels through real views, which `.data = ...` would leave stale
-        by_param = {id(param): tensors for param, tensors, _ in sources if param.is_complex()}
-        views = []
-        for launch in launches:
-            for j, (param, kernel_param) in enumerate(zip(launch.params, launch.kernel_params)):
-                if param.is_complex():
-                    columns = [column[j] for column in launch.state_lists if column]
-                    views += [(param, kernel_param)] + list(zip(by_param[id(param)], columns))
-        return _ops.plan_guard(containers, params, states, steps, views)
 
     def _cache_call(self, launch):
         launch.cached = _ops.cached_call(self._op_name, self._op_arguments(launch), launch.params)
