@@ -313,3 +313,19 @@ def _assert_raises_untouched(fused, t, mutation, error_type):
     changed = [i for i, (p, b) in enumerate(zip(fused.all_params(), params_before)) if not torch.equal(bits(p), b)]
     assert not changed, f"params {changed} were written by the step that raised"
     assert_state_identical(fused.opt, state_before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry,opt_id", [pytest.param(e, o, id=f"{e.name}-{o}") for e in ENTRIES
+                                          for o in e.representative])
+def test_unusable_state_error_names_param_and_key(entry, opt_id, device):
+    """The error for a state buffer that does not match its param says which param (group, position) and key."""
+    run = Run(entry.fused_cls, entry, opt_id, device)
+    run.step(0, MUTATIONS[0])
+    param = run.opt.param_groups[1]["params"][0]
+    keys = _buffers(run.opt, param)
+    if not keys:
+        pytest.skip(f"{entry.torch_cls.__name__}({opt_id}) keeps no state buffer")
+    run.opt.state[param][keys[-1]] = torch.zeros(param.numel() + 1, device=param.device)
+    with pytest.raises(RuntimeError, match=rf"state\['{keys[-1]}'\] of param_groups\[1\]\['params'\]\[0\] is "):
+        run.step(1, MUTATIONS[0])
