@@ -220,7 +220,12 @@ class Run:
     def __init__(self, cls, entry, opt_id, device, dtype=DTYPE):
         self.problem = Problem(SPECS, device, seed=31)
         self.params = self.problem.params(dtype)
-        self.opt = cls(self.problem.param_arg(self.params, entry.group_overrides[:1]), **entry.option_sets[opt_id])
+        kwargs = dict(entry.option_sets[opt_id])
+        if cls is entry.torch_cls:
+            # torch's for-loop implementation, the reference on every device: its CUDA default (foreach) rejects
+            # tensor betas, which the for-loop implementation and fusedopt accept
+            kwargs["foreach"] = False
+        self.opt = cls(self.problem.param_arg(self.params, entry.group_overrides[:1]), **kwargs)
 
     def all_params(self):
         """The original params, then any a change added, without duplicates, in a deterministic order."""
