@@ -98,8 +98,8 @@ def create_state(optimizer, row):
     group = optimizer.param_groups[row.group_index]
     state = optimizer.state[row.param]
     if row.fresh_keys:
-        if optimizer._uses_step and "step" not in state:
-            state["step"] = None  # torch creates `step` first; _step_tensor makes the tensor
+        if optimizer._uses_step:
+            optimizer._step_tensor(state, row.param)  # a zero `step`, created first as torch creates it
         new = optimizer._new_state(row.param, group)
         for key in row.fresh_keys:
             state[key] = new[key]
