@@ -17,9 +17,11 @@ from conftest import DEVICES, TOLERANCES, PSpec, Problem, assert_matches, assert
 from registry import ENTRIES
 
 DTYPE = torch.float32
-# groups 0 and 1 (group 1 gets the registry's first group override, which selects another kernel variant for
-# most classes, so a step is several launches); the changes are made to PARAM 0
-SPECS = (PSpec((2, 3), group=0), PSpec((5,), group=0), PSpec((4,), group=1))
+# Two groups. The changes to one param's state or data are made to params[0], the only param of group 1, which
+# gets the registry's second group override: for SGD, Adam, AdamW and RMSprop that selects another kernel
+# variant, so params[0] is in the last of two launches, and a step that must fail has to fail before the first
+# launch runs. The changes to a group's hyperparameters and params are made to group 0 (params 1 and 2).
+SPECS = (PSpec((2, 3), group=1), PSpec((5,), group=0), PSpec((4,), group=0))
 STEPS_BEFORE, STEPS_AFTER = 2, 3
 
 
@@ -67,16 +69,20 @@ def _set_group(key, make):
     return apply
 
 
+def _changed_param(opt):
+    return opt.param_groups[1]["params"][0]  # params[0]
+
+
 def _has_state(entry, opt):
-    return len(opt.state.get(opt.param_groups[0]["params"][0], {})) > 0
+    return len(opt.state.get(_changed_param(opt), {})) > 0
 
 
 def _has_buffers(entry, opt):
-    return bool(_buffers(opt, opt.param_groups[0]["params"][0]))
+    return bool(_buffers(opt, _changed_param(opt)))
 
 
 def _has_step(entry, opt):
-    return "step" in opt.state.get(opt.param_groups[0]["params"][0], {})
+    return "step" in opt.state.get(_changed_param(opt), {})
 
 
 def _has_group_key(*keys):
@@ -96,11 +102,11 @@ def _add_group(opt, params, saved):
 
 def _replace_params(opt, params, saved):
     g = opt.param_groups[0]
-    g["params"] = [g["params"][1], _values((2, 2), 12, params[0].device).requires_grad_()]  # drops param 0
+    g["params"] = [g["params"][1], _values((2, 2), 12, params[0].device).requires_grad_()]  # drops params[1]
 
 
 def _replace_param_in_place(opt, params, saved):
-    opt.param_groups[0]["params"][0] = _values((2, 3), 13, params[0].device).requires_grad_()
+    opt.param_groups[0]["params"][0] = _values((5,), 13, params[0].device).requires_grad_()
 
 
 def _move_param_between_groups(opt, params, saved):
@@ -225,7 +231,7 @@ class Run:
             # torch's for-loop implementation, the reference on every device: its CUDA default (foreach) rejects
             # tensor betas, which the for-loop implementation and fusedopt accept
             kwargs["foreach"] = False
-        self.opt = cls(self.problem.param_arg(self.params, entry.group_overrides[:1]), **kwargs)
+        self.opt = cls(self.problem.param_arg(self.params, entry.group_overrides[1:]), **kwargs)
 
     def all_params(self):
         """The original params, then any a change added, without duplicates, in a deterministic order."""
@@ -327,7 +333,7 @@ def test_unusable_state_error_names_param_and_key(entry, opt_id, device):
     """The error for a state buffer that does not match its param says which param (group, position) and key."""
     run = Run(entry.fused_cls, entry, opt_id, device)
     run.step(0, MUTATIONS[0])
-    param = run.opt.param_groups[1]["params"][0]
+    param = _changed_param(run.opt)
     keys = _buffers(run.opt, param)
     if not keys:
         pytest.skip(f"{entry.torch_cls.__name__}({opt_id}) keeps no state buffer")
