@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "plan_guard.h"
+
 namespace fusedopt {
 namespace {
 
@@ -95,4 +97,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("grads_ready", &fusedopt::CachedCall::grads_ready)
       .def("run", &fusedopt::CachedCall::run);
   m.def("none_has_grad", &fusedopt::none_has_grad, "True when no tensor in the list has a .grad");
+  fusedopt::register_plan_guard(m);
 }

@@ -37,6 +37,12 @@ def cached_call(op_name, args, grad_sources):
     return _C.CachedCall(op_name, tuple(args), list(grad_sources))
 
 
+def plan_guard(containers, params, states, steps, views):
+    """fusedopt._C.PlanGuard: `.unchanged()` is True while the containers hold the same objects and each
+    param's state tensors still match it (see csrc/plan_guard.cpp)."""
+    return _C.PlanGuard(list(containers), list(params), list(states), list(steps), list(views))
+
+
 def none_has_grad(params):
     return _C.none_has_grad(params)
 

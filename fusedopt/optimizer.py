@@ -4,8 +4,9 @@ Each Fused* class subclasses the torch.optim class it replaces: construction, va
 groups, hooks, ``state_dict``/``load_state_dict`` and ``__setstate__`` are torch's own, and so is the fallback
 ``step`` when the compiled extension is missing. This class replaces ``step`` with one fused op call per
 (device, dtype, option set) and owns what that needs: lazy state creation with torch's state keys, and a cached
-launch plan (the tensor lists and the device tables the kernels walk), rebuilt only when the set of params with
-gradients, the param groups, the options, the state object or the attached device LR schedule change.
+launch plan (the tensor lists and the device tables the kernels walk), rebuilt when the set of params with
+gradients, the param groups or their params, the options, `optimizer.state` or any state entry or tensor in it,
+or the attached device LR schedule change: a fused step updates exactly the tensors `optimizer.state` shows.
 
 Inside the same launch the kernels also unscale gradients for ``torch.amp.GradScaler`` and skip the whole
 update when one is inf/NaN, clip the global gradient norm (``max_grad_norm``), and advance a per-step device
@@ -18,7 +19,8 @@ import warnings
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import _ops
+from . import _lazy_state, _ops
+from ._plan_sources import PlanSources
 
 # StepPhase in csrc/step_table.h
 REDUCE_GRADS, UPDATE, RESET_STATS = 1, 2, 4
@@ -82,6 +84,7 @@ class _Plan:
         self.schedule = getattr(optimizer, "_device_schedule", None)
         self.launches = []
         self.launches_by_device = {}
+        self.guard = None  # fusedopt._C.PlanGuard over the containers and tensors the plan was read from
 
     def still_valid(self, optimizer):
         groups = optimizer.param_groups
@@ -92,6 +95,9 @@ class _Plan:
             and all(g["params"] is params and len(params) == size
                     for g, params, size in zip(groups, self.group_params, self.group_sizes))
             and [optimizer._options(group) for group in groups] == self.options
+            # in C++: the param lists, optimizer.state and every planned state dict hold the same objects as
+            # when the plan was built, and each state tensor still matches its param
+            and self.guard.unchanged()
             # in C++, every launch before any runs: True when each param has a grad, raises on an unusable one
             and all(launch.cached.grads_ready() for launch in self.launches)
             and _ops.none_has_grad(self.without_grad)
@@ -104,6 +110,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     _op_name: str  # the torch.ops.fusedopt op
     _state_keys: tuple  # the op's state list arguments, as torch.optim state keys
     _uses_step = True  # keeps a per-param `step` counter
+    # How torch creates state lazily: False, a param's whole state (and `step`) while its state dict is empty,
+    # a missing key of a non-empty one raising KeyError; True (SGD), each buffer whose key is missing or None.
+    _state_created_per_key = False
 
     def __init__(self, params, *args, max_grad_norm=None, **kwargs):
         if kwargs.get("differentiable", False):
@@ -206,32 +215,23 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _build_plan(self):
         self._check_grads()
+        rows = _lazy_state.read_rows(self)  # raises like torch, before anything below writes
         plan = _Plan(self)
         launches = {}
-        for group_index, group in enumerate(self.param_groups):
-            options = self._options(group)
-            keys = self._active_state_keys(group)
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if not self._uses_step and not any(keys):
-                    state = {}  # plain SGD keeps no state: create no entry, as torch creates none
-                else:
-                    state = self.state[param]
-                fresh = False
-                missing = [k for k in keys if k is not None and k not in state]
-                if missing:
-                    new = self._new_state(param, group)
-                    fresh = any(state.get(k) is None for k in missing)
-                    for k in missing:
-                        state[k] = new[k]
-                step = self._step_tensor(state, param) if self._uses_step else None
-                real_dtype = torch.view_as_real(param).dtype if param.is_complex() else param.dtype
-                key = (param.device, real_dtype, options)
-                if key not in launches:
-                    launches[key] = _Launch(param.device, options)
-                launches[key].add(group_index, param, [state[k] if k else None for k in keys], step, fresh)
+        watched = PlanSources(self)
+        for row in rows:
+            param, group = row.param, self.param_groups[row.group_index]
+            state = _lazy_state.create_state(self, row)
+            step = self._step_tensor(state, param) if self._uses_step else None
+            states = [state[k] if k else None for k in row.keys]
+            real_dtype = torch.view_as_real(param).dtype if param.is_complex() else param.dtype
+            key = (param.device, real_dtype, self._options(group))
+            if key not in launches:
+                launches[key] = _Launch(param.device, key[2])
+            launches[key].add(row.group_index, param, states, step, row.fresh)
+            watched.add(row, state, [t for t in states if t is not None], step, launches[key])
         plan.launches = list(launches.values())
+        plan.guard = watched.guard()
         for launch in plan.launches:
             plan.launches_by_device.setdefault(launch.device, []).append(launch)
             if launch.device not in self._grad_stats:

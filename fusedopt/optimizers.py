@@ -20,6 +20,7 @@ class FusedSGD(FusedOptimizer, torch.optim.SGD):
     _op_name = "sgd_"
     _state_keys = ("momentum_buffer",)
     _uses_step = False
+    _state_created_per_key = True  # torch: state.get("momentum_buffer") is None -> a buffer from this grad
 
     def _options(self, group):
         # torch checks nesterov against momentum/dampening only in the constructor's defaults; a group with

@@ -1,0 +1,168 @@
+// PlanGuard: is a cached launch plan still exactly what `optimizer.state` and the param groups hold?
+//
+// A plan caches the tensors a fused call updates. Users and libraries change the optimizer between steps in
+// ways no hook reports: `opt.state.clear()`, `opt.state[p] = {}`, `state["exp_avg"] = t`, `del state[k]`,
+// `group["params"].reverse()`, `p.data = other`. The guard records, when the plan is built, the contents of
+// every container the plan was read from (the param lists, `optimizer.state`, each planned param's state dict)
+// by object identity, and the dtype/device of each planned param. `unchanged()` then compares, without hashing
+// a single tensor (Tensor.__hash__ is a Python call): dicts are walked in insertion order with PyDict_Next, so
+// any added, removed or replaced entry shows up as a different (key, value) object at some position or a
+// different length. Recorded objects are held by strong reference, so no new object can reuse an address.
+//
+// In-place changes to a tensor (`.zero_()`, `.data = other`) keep its identity; the kernels re-read data
+// pointers every step, and the guard checks that every state tensor still matches its param in shape, dtype
+// and device, so a step never starts on tensors the op would reject half-way through a multi-launch step.
+// Complex params and states reach the kernels through real views, which `.data = other` leaves pointing at the
+// old storage: the guard checks that each view still views its source.
+#include "plan_guard.h"
+
+#include <vector>
+
+namespace fusedopt {
+namespace {
+
+class PlanGuard {
+ public:
+  // containers: the lists/tuples/dicts the plan was read from. params/states/steps: one entry per planned
+  // param, its state tensors as `optimizer.state` holds them and its `step` (None where the class keeps none).
+  // views: (source, real view) pairs of the complex params and states.
+  PlanGuard(const py::list& containers, const std::vector<at::Tensor>& params,
+            const std::vector<std::vector<at::Tensor>>& states, const std::vector<std::optional<at::Tensor>>& steps,
+            const std::vector<std::pair<at::Tensor, at::Tensor>>& views) {
+    for (const py::handle container : containers) record(container);
+    TORCH_CHECK(states.size() == params.size() && steps.size() == params.size(),
+                "fusedopt.PlanGuard: one state list and one step per param");
+    entries_.reserve(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      const at::Tensor& param = params[i];
+      entries_.push_back({param, param.scalar_type(), param.device(), state_tensors_.size(),
+                          state_tensors_.size() + states[i].size(), steps[i].value_or(at::Tensor())});
+      state_tensors_.insert(state_tensors_.end(), states[i].begin(), states[i].end());
+    }
+    views_.assign(views.begin(), views.end());
+  }
+
+  // True while the plan is exact: same containers' contents, every state tensor still shaped like its param,
+  // every real view still viewing its source. False means rebuild (which raises on unusable state).
+  bool unchanged() const {
+    if (unsupported_) return false;
+    for (const Watched& watched : watched_) {
+      if (!same_contents(watched)) return false;
+    }
+    for (const Entry& entry : entries_) {
+      if (!entry_matches(entry)) return false;
+    }
+    for (const auto& [source, view] : views_) {
+      if (!still_views(source, view)) return false;
+    }
+    return true;
+  }
+
+ private:
+  enum class Kind { kList, kTuple, kDict };
+  struct Watched {
+    py::object container;
+    Kind kind;
+    size_t begin, end;  // its recorded objects in objects_: items, or (key, value) pairs for a dict
+  };
+  struct Entry {
+    at::Tensor param;
+    at::ScalarType dtype;  // the launch it is in was chosen by dtype and device
+    at::Device device;
+    size_t states_begin, states_end;  // in state_tensors_
+    at::Tensor step;                  // undefined: no step counter
+  };
+
+  void record(py::handle container) {
+    PyObject* object = container.ptr();
+    const size_t begin = objects_.size();
+    Kind kind;
+    if (PyDict_Check(object)) {
+      kind = Kind::kDict;
+      Py_ssize_t position = 0;
+      PyObject *key, *value;
+      while (PyDict_Next(object, &position, &key, &value)) {
+        objects_.push_back(py::reinterpret_borrow<py::object>(key));
+        objects_.push_back(py::reinterpret_borrow<py::object>(value));
+      }
+    } else if (PyList_Check(object) || PyTuple_Check(object)) {
+      kind = PyList_Check(object) ? Kind::kList : Kind::kTuple;
+      const Py_ssize_t size = PySequence_Fast_GET_SIZE(object);
+      for (Py_ssize_t i = 0; i < size; ++i) {
+        objects_.push_back(py::reinterpret_borrow<py::object>(PySequence_Fast_GET_ITEM(object, i)));
+      }
+    } else {
+      unsupported_ = true;  // another container type: no cheap exact check, so the plan is rebuilt every step
+      return;
+    }
+    watched_.push_back({py::reinterpret_borrow<py::object>(container), kind, begin, objects_.size()});
+  }
+
+  bool same_contents(const Watched& watched) const {
+    PyObject* object = watched.container.ptr();
+    if (watched.kind == Kind::kDict) {
+      Py_ssize_t position = 0;
+      PyObject *key, *value;
+      size_t i = watched.begin;
+      while (PyDict_Next(object, &position, &key, &value)) {
+        if (i == watched.end || objects_[i].ptr() != key || objects_[i + 1].ptr() != value) return false;
+        i += 2;
+      }
+      return i == watched.end;
+    }
+    const Py_ssize_t size = PySequence_Fast_GET_SIZE(object);
+    if (size_t(size) != watched.end - watched.begin) return false;
+    for (Py_ssize_t i = 0; i < size; ++i) {
+      if (PySequence_Fast_GET_ITEM(object, i) != objects_[watched.begin + i].ptr()) return false;
+    }
+    return true;
+  }
+
+  bool entry_matches(const Entry& entry) const {
+    const at::Tensor& param = entry.param;
+    if (param.scalar_type() != entry.dtype || param.device() != entry.device) return false;
+    const at::IntArrayRef sizes = param.sizes();
+    for (size_t s = entry.states_begin; s < entry.states_end; ++s) {
+      const at::Tensor& state = state_tensors_[s];
+      if (state.scalar_type() != entry.dtype || state.device() != entry.device || state.sizes() != sizes) {
+        return false;
+      }
+    }
+    const at::Tensor& step = entry.step;
+    return !step.defined() ||
+           (step.numel() == 1 && step.scalar_type() == at::kFloat && step.device() == entry.device);
+  }
+
+  static bool still_views(const at::Tensor& source, const at::Tensor& view) {
+    const int64_t dims = source.dim();
+    if (view.dim() != dims + 1 || source.const_data_ptr() != view.const_data_ptr() ||
+        view.scalar_type() != c10::toRealValueType(source.scalar_type())) {
+      return false;
+    }
+    for (int64_t d = 0; d < dims; ++d) {
+      if (view.size(d) != source.size(d) || view.stride(d) != 2 * source.stride(d)) return false;
+    }
+    return true;
+  }
+
+  std::vector<Watched> watched_;
+  std::vector<py::object> objects_;
+  bool unsupported_ = false;
+  std::vector<Entry> entries_;
+  std::vector<at::Tensor> state_tensors_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> views_;
+};
+
+}  // namespace
+
+void register_plan_guard(py::module& m) {
+  py::class_<PlanGuard>(m, "PlanGuard")
+      .def(py::init<const py::list&, const std::vector<at::Tensor>&, const std::vector<std::vector<at::Tensor>>&,
+                    const std::vector<std::optional<at::Tensor>>&,
+                    const std::vector<std::pair<at::Tensor, at::Tensor>>&>(),
+           py::arg("containers"), py::arg("params"), py::arg("states"), py::arg("steps"), py::arg("views"))
+      .def("unchanged", &PlanGuard::unchanged,
+           "True while the plan holds exactly the tensors the optimizer's state and param groups hold");
+}
+
+}  // namespace fusedopt

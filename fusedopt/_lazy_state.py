@@ -1,0 +1,106 @@
+"""torch.optim's lazy state rules, applied when a launch plan is built.
+
+Reading and writing are two passes, so that a step that must fail (a missing key, a state tensor of the wrong
+shape, dtype or device) raises before any state is created, converted or updated:
+
+- `read_rows` only reads `optimizer.state`: per param with a grad, the state keys its group's options use and
+  which of them this step creates. It raises what torch raises for the same state, before torch would write:
+  the algorithms that initialise a param's state only while its state dict is empty (Adam, AdamW, Adagrad,
+  Adadelta, Adamax, RMSprop) raise `KeyError(key)` for a key missing from a non-empty state; SGD treats a
+  missing or None `momentum_buffer` as fresh. A state tensor that does not match its param raises
+  `RuntimeError` naming the param (group index and position) and the key.
+- `create_state` then fills each row's state as torch's `_init_group` would, and returns it.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StateRow:
+    group_index: int
+    position: int  # in param_groups[group_index]["params"]
+    param: torch.Tensor
+    keys: tuple  # the optimizer's _active_state_keys(group): None where these options use no buffer
+    fresh_keys: tuple  # the keys this step creates (zeroed / filled by _new_state)
+    keeps_state: bool  # False: plain SGD, which creates no state entry at all
+
+    @property
+    def fresh(self):
+        return bool(self.fresh_keys)
+
+
+def read_rows(optimizer):
+    """One StateRow per param with a grad, in param-group order; reads only."""
+    rows = []
+    for group_index, group in enumerate(optimizer.param_groups):
+        keys = tuple(optimizer._active_state_keys(group))
+        for position, param in enumerate(group["params"]):
+            if param.grad is not None:
+                rows.append(_read_row(optimizer, group_index, position, param, keys))
+    return rows
+
+
+def _read_row(optimizer, group_index, position, param, keys):
+    used = [k for k in keys if k is not None]
+    keeps_state = optimizer._uses_step or bool(used)
+    if not keeps_state:
+        return StateRow(group_index, position, param, keys, (), False)
+    state = optimizer.state.get(param)  # .get: a defaultdict would insert an entry
+    if optimizer._state_created_per_key:  # SGD: state.get("momentum_buffer") is None -> a fresh buffer
+        fresh = tuple(k for k in used if state is None or state.get(k) is None)
+    elif not state:  # torch: `if len(state) == 0:` create every buffer and the step
+        fresh = tuple(used)
+    else:
+        fresh = ()
+        for key in used + (["step"] if optimizer._uses_step else []):
+            if key not in state:
+                raise KeyError(key)  # what torch's `state[key]` raises
+    for key in used:
+        if key not in fresh:
+            _check_buffer(optimizer, group_index, position, param, key, state[key])
+    if optimizer._uses_step and not fresh:
+        _check_step(optimizer, group_index, position, param, state["step"])
+    return StateRow(group_index, position, param, keys, fresh, True)
+
+
+def _describe(t):
+    return f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+
+
+def _where(optimizer, group_index, position, key):
+    return f"{type(optimizer).__name__}: state[{key!r}] of param_groups[{group_index}]['params'][{position}]"
+
+
+def _check_buffer(optimizer, group_index, position, param, key, value):
+    if not torch.is_tensor(value):
+        raise RuntimeError(f"{_where(optimizer, group_index, position, key)} is {type(value).__name__}, not a tensor")
+    if value.shape != param.shape or value.dtype != param.dtype or value.device != param.device:
+        raise RuntimeError(
+            f"{_where(optimizer, group_index, position, key)} is {_describe(value)}, but the param is "
+            f"{_describe(param)}: a state buffer must match its param in shape, dtype and device"
+        )
+
+
+def _check_step(optimizer, group_index, position, param, step):
+    """torch requires a 1-element tensor (it raises RuntimeError for a number); fusedopt converts its dtype and
+    device, as torch's own kernels accept any."""
+    if not (torch.is_tensor(step) and step.numel() == 1 and not step.is_complex()):
+        shown = _describe(step) if torch.is_tensor(step) else type(step).__name__
+        raise RuntimeError(f"{_where(optimizer, group_index, position, 'step')} is {shown}, not a 1-element "
+                           "real tensor")
+
+
+def create_state(optimizer, row):
+    """The row's state dict with every buffer it uses present (created as torch creates them)."""
+    if not row.keeps_state:
+        return {}  # plain SGD keeps no state: create no entry, as torch creates none
+    group = optimizer.param_groups[row.group_index]
+    state = optimizer.state[row.param]
+    if row.fresh_keys:
+        if optimizer._uses_step:
+            optimizer._step_tensor(state, row.param)  # a zero `step`, created first as torch creates it
+        new = optimizer._new_state(row.param, group)
+        for key in row.fresh_keys:
+            state[key] = new[key]
+    return state
