@@ -7,6 +7,7 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -19,7 +20,8 @@ using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 using OptionalTensor = std::optional<at::Tensor>;
 
 // The arguments every step op takes after its options (the schema tail in ops.cpp): a device-read momentum
-// per group, gradient unscaling / skipping / clipping (TableHeader), and a per-step LR schedule to advance.
+// per group (in the table), gradient unscaling / skipping / clipping and a per-step LR schedule to advance
+// (per-call values: StepArgs, never in the table).
 struct StepExtras {
   const OptionalTensorList& momenta;
   const OptionalTensor& grad_scale;
@@ -69,12 +71,18 @@ struct PreparedStep {
   at::Tensor host_table;      // the table as written by the host (pinned for CUDA params)
   TableView host{nullptr};    // typed view of host_table
   at::Tensor device_table;    // the device copy (undefined for CPU params)
+  StepArgs args{};            // this call's per-call values, passed to the kernel by value
   bool table_changed = false; // the device copy must be refreshed before the launch
+  bool groups_changed = false;  // only the group entries changed (a hyperparameter): refresh just those
   // Tensors the kernel cannot update in place (a layout it cannot walk linearly) are updated through a dense
   // working copy: (original, copy) pairs to copy back after the launch, and read-only copies to keep alive.
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
   std::vector<at::Tensor> keep_alive;
 };
+
+// CUDA: whether a step that reduces and updates may use one cooperative launch (else: two launches). Tests
+// switch it off to run the fallback that serves devices without cooperative launch; on by default.
+std::atomic<bool>& cooperative_launch_enabled();
 
 // Validates every input (nothing is modified before all checks pass) and refreshes the host table when a
 // pointer, size or hyperparameter differs from what it holds.
