@@ -484,4 +484,4 @@ struct CudaRunner {
 
 // Each algorithm's CUDA kernels live in their own translation unit so they compile in parallel.
 #define FUSEDOPT_REGISTER_CUDA(op) \
-  TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) { m.impl(#op, &fusedopt::op##impl<fusedopt::CudaRunner>); }
+  TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) { m.impl(#op, FUSEDOPT_BOXED(op, fusedopt::CudaRunner)); }

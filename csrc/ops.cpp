@@ -163,17 +163,19 @@ void validate(const StepInputs& in) {
 }
 
 // The kernels walk each tensor as one flat array, so param, grad and state must share one dense layout. Where
-// they do not (a param that is a strided view, a grad whose strides differ), work on dense copies.
-at::Tensor dense_like(const at::Tensor& t, const at::Tensor& reference, PreparedStep& prepared, bool mutated) {
-  if (t.numel() == 0 || t.strides() == reference.strides()) return t;
+// they do not (a param that is a strided view, a grad whose strides differ), work on dense copies. Returns the
+// data the kernel reads.
+void* dense_data(const at::Tensor& t, const at::Tensor& reference, PreparedStep& prepared, bool mutated) {
+  if (t.numel() == 0 || t.strides() == reference.strides()) return t.data_ptr();
   at::Tensor copy = at::empty_like(reference);
   copy.copy_(t);
+  void* data = copy.data_ptr();
   if (mutated) {
-    prepared.write_back.emplace_back(t, copy);
+    prepared.write_back.emplace_back(t, std::move(copy));
   } else {
-    prepared.keep_alive.push_back(copy);
+    prepared.keep_alive.push_back(std::move(copy));
   }
-  return copy;
+  return data;
 }
 
 // The per-call values, read from the op's arguments at every call (validated by validate_extras).
@@ -239,20 +241,21 @@ PreparedStep prepare_step(const StepInputs& in) {
   int64_t group = 0;
   for (int64_t i = 0; i < n; ++i) {
     while (in.group_ends[group] <= i) ++group;
-    at::Tensor param = in.params[i];
-    if (param.numel() != 0 && !param.is_non_overlapping_and_dense()) {
-      at::Tensor copy = param.contiguous();
-      prepared.write_back.emplace_back(param, copy);
-      param = copy;
+    const at::Tensor* param = &in.params[i];
+    at::Tensor dense_param;  // only for a param the kernel cannot walk in place
+    if (param->numel() != 0 && !param->is_non_overlapping_and_dense()) {
+      dense_param = param->contiguous();
+      prepared.write_back.emplace_back(*param, dense_param);
+      param = &dense_param;
     }
     TensorEntry e{};
-    e.param = param.data_ptr();
-    e.grad = dense_like(in.grads[i], param, prepared, false).data_ptr();
+    e.param = param->data_ptr();
+    e.grad = dense_data(in.grads[i], *param, prepared, false);
     for (int k = 0; k < kMaxStates; ++k) {
-      e.state[k] = k < int(in.states.size()) ? dense_like(in.states[k][i], param, prepared, true).data_ptr() : nullptr;
+      e.state[k] = k < int(in.states.size()) ? dense_data(in.states[k][i], *param, prepared, true) : nullptr;
     }
     e.step = in.uses_step ? in.steps[i].data_ptr<float>() : nullptr;
-    e.numel = param.numel();
+    e.numel = param->numel();
     e.group = int32_t(group);
     e.fresh_state = in.fresh_state.empty() ? 0 : int32_t(in.fresh_state[i] != 0);
     if (std::memcmp(&e, &table.tensors()[i], sizeof(TensorEntry)) != 0) {
