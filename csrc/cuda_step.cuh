@@ -194,10 +194,11 @@ __device__ __forceinline__ bool last_block_done(unsigned int* counter) {
 }
 
 // Not inlined: the schedule math runs once per step in one block, and inlined into every kernel it would cost
-// registers in the update loop.
-static __device__ __noinline__ void advance_group_schedule(const ScheduleArgs& schedule, int64_t g) {
-  advance_schedule(schedule.program + g * schedule.program_stride, schedule.state + g * schedule.state_stride,
-                   schedule.lrs + g, schedule.momenta ? schedule.momenta + g : nullptr, nullptr);
+// registers in the update loop. Takes scalars, not the kernel's ScheduleArgs by reference: a reference to a
+// kernel parameter makes the kernel copy it to its stack.
+static __device__ __noinline__ void advance_group_schedule(const double* program, double* state, double* lr,
+                                                           double* momentum) {
+  advance_schedule(program, state, lr, momentum, nullptr);
 }
 
 template <typename scalar_t, typename Rule>
@@ -271,7 +272,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t t = threadIdx.x; t < num_tensors; t += blockDim.x) {
       if (float* step = table.tensors()[t].step) *step += 1.0f;
     }
-    for (int64_t g = threadIdx.x; g < args.schedule.groups; g += blockDim.x) advance_group_schedule(args.schedule, g);
+    const ScheduleArgs& schedule = args.schedule;
+    for (int64_t g = threadIdx.x; g < schedule.groups; g += blockDim.x) {
+      advance_group_schedule(schedule.program + g * schedule.program_stride, schedule.state + g * schedule.state_stride,
+                             schedule.lrs + g, schedule.momenta ? schedule.momenta + g : nullptr);
+    }
   }
   if (threadIdx.x == 0) {
     if (args.found_inf != nullptr) *args.found_inf = adjust.skip ? 1.0f : 0.0f;

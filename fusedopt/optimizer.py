@@ -359,14 +359,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         yield launches[-1], UPDATE | RESET_STATS
 
     def _share_grad_stats(self, devices):
-        """Every device's grad_stats becomes the sum over all devices, added in device order (deterministic),
-        without a host sync: cross-device copies are ordered after both devices' current streams."""
+        """Every device's grad_stats becomes the sum over all devices, added in device order (deterministic).
+        Between GPUs without a host sync: cross-device copies are ordered after both devices' current streams.
+        A copy to or from the CPU is blocking, so the CPU never reads a sum before it has arrived."""
         stats = [self._grad_stats[device] for device in devices]
+        non_blocking = all(device.type == "cuda" for device in devices)
         total = stats[0].clone()
         for other in stats[1:]:
-            total += other.to(devices[0], non_blocking=True)
-        for device, tensor in zip(devices, stats):
-            tensor.copy_(total, non_blocking=True)
+            total += other.to(devices[0], non_blocking=non_blocking)
+        for tensor in stats:
+            tensor.copy_(total, non_blocking=non_blocking)
 
     def step(self, closure=None, grad_scaler=None):
         if not _ops.EXTENSION_AVAILABLE:

@@ -105,3 +105,38 @@ def test_nan_grad_with_clipping_and_no_scaler_matches_clip_grad_norm(device, nam
     for i, (fp, rp) in enumerate(zip(fused_params, ref_params)):
         assert torch.isnan(rp).all(), "the reference is not the case this test is about"
         assert torch.isnan(fp).all(), f"param {i}: a NaN grad norm must make every update NaN, as in torch"
+
+
+class _Plan:
+    launches_by_device = {"gpu0": ["a", "b"], "gpu1": ["c"]}
+
+
+NO_SCALER = {"gpu0": (None, None, None), "gpu1": (None, None, None)}
+REDUCE, UPDATE, RESET = 1, 2, 4  # StepPhase in csrc/step_table.h
+
+
+def _call_order(optimizer, plan, scaling, monkeypatch):
+    events = []
+    monkeypatch.setattr(optimizer, "_share_grad_stats", lambda devices: events.append(("share", tuple(devices))))
+    for launch, phases in optimizer._calls(plan, scaling):
+        events.append((launch, phases))
+    return events
+
+
+def test_clipping_over_several_devices_reduces_everywhere_before_any_update(monkeypatch):
+    """The global norm over devices: every launch on every device reduces, the sums are shared, then every
+    launch updates (the last one per device zeroing its grad_stats)."""
+    optimizer = fusedopt.FusedAdamW([torch.zeros(1, requires_grad=True)], max_grad_norm=1.0)
+    assert _call_order(optimizer, _Plan, NO_SCALER, monkeypatch) == [
+        ("a", REDUCE), ("b", REDUCE), ("c", REDUCE), ("share", ("gpu0", "gpu1")),
+        ("a", UPDATE), ("b", UPDATE | RESET), ("c", UPDATE | RESET)]
+
+
+def test_launch_phases_per_device(monkeypatch):
+    """Without clipping or an in-step scaler check every launch just updates; with an in-step scaler each
+    device decides alone (one launch: reduce + update together; several: all reduce, then all update)."""
+    optimizer = fusedopt.FusedAdamW([torch.zeros(1, requires_grad=True)])
+    assert _call_order(optimizer, _Plan, NO_SCALER, monkeypatch) == [("a", UPDATE), ("b", UPDATE), ("c", UPDATE)]
+    in_step_scaler = {device: ("scale", None, "found_inf") for device in _Plan.launches_by_device}
+    assert _call_order(optimizer, _Plan, in_step_scaler, monkeypatch) == [
+        ("a", REDUCE), ("b", REDUCE), ("a", UPDATE), ("b", UPDATE | RESET), ("c", REDUCE | UPDATE | RESET)]
