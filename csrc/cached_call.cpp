@@ -6,6 +6,8 @@
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 
+#include "ops.h"
+
 #include <string>
 #include <vector>
 
@@ -30,6 +32,7 @@ class CachedCall {
     grads_index_ = argument_index("grads");
     TORCH_CHECK(stack_[grads_index_].toTensorList().size() == grad_sources_.size(),
                 "fusedopt.CachedCall: one grad source per grad");
+    stack_[grads_index_] = c10::List<at::Tensor>();  // filled per call (run)
   }
 
   // Whether every param of this call has a gradient, i.e. the call can run as built; raises when a gradient
@@ -49,13 +52,16 @@ class CachedCall {
     return true;
   }
 
-  // Runs the op with fresh grads and `updates` ({argument name: value}) replacing the cached arguments.
+  // Runs the op with fresh grads and `updates` ({argument name: value}) replacing the cached arguments. The
+  // grads go into a list of this call only: holding them past the call would keep a step's grads alive until
+  // the next one (after zero_grad(set_to_none=True), memory the next backward needs), and free them inside it.
   void run(const py::dict& updates) {
-    c10::List<at::Tensor> grads = stack_[grads_index_].toTensorList();  // shares the cached list
-    for (size_t i = 0; i < grad_sources_.size(); ++i) {
-      const at::Tensor& grad = grad_sources_[i].grad();
+    c10::List<at::Tensor> grads;
+    grads.reserve(grad_sources_.size());
+    for (const at::Tensor& param : grad_sources_) {
+      const at::Tensor& grad = param.grad();
       TORCH_CHECK(grad.defined(), "fusedopt: a param of this step lost its gradient");
-      grads.set(i, grad.is_complex() ? at::view_as_real(grad) : grad);
+      grads.push_back(grad.is_complex() ? at::view_as_real(grad) : grad);
     }
     const auto& arguments = op_.schema().arguments();
     for (const auto& [name, value] : updates) {
@@ -63,6 +69,7 @@ class CachedCall {
       stack_[index] = torch::jit::toIValue(value, arguments[index].real_type());
     }
     torch::jit::Stack stack = stack_;
+    stack[grads_index_] = std::move(grads);
     py::gil_scoped_release no_gil;
     op_.callBoxed(stack);
   }
@@ -98,4 +105,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("run", &fusedopt::CachedCall::run);
   m.def("none_has_grad", &fusedopt::none_has_grad, "True when no tensor in the list has a .grad");
   fusedopt::register_plan_guard(m);
+  m.def(
+      "_set_cooperative_launch", [](bool enabled) { return fusedopt::cooperative_launch_enabled().exchange(enabled); },
+      "CUDA: allow (True) or forbid one cooperative launch for reduce + update; returns the previous setting");
 }

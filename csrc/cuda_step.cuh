@@ -3,16 +3,28 @@
 // loads where every pointer allows. The step counters (and a per-step LR schedule) are advanced by the last
 // block to finish, after every block has read them, so a single launch both uses and advances them. A step
 // that unscales or clips gradients first reduces them (kReduceGrads), waits at a grid barrier, then updates.
+//
+// What one launch needs besides the table is its own: the per-call values come by value (StepArgs), and the
+// counters and per-block partial sums live in a workspace no other launch in flight uses (one per stream for
+// eager launches, one per captured launch inside its graph's snapshot), so overlapping launches, graph replays
+// and eager steps cannot confuse each other's barriers. Per-block partials are added in block order, so the
+// global norm, hence the clip factor, is the same bit for bit in every run.
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "lr_schedule.h"
 #include "ops.h"
@@ -115,66 +127,99 @@ __device__ __forceinline__ void reduce_chunk(const TensorEntry& e, int64_t begin
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) add(grad[i]);
 }
 
-// Adds the block's statistics to grad_stats (one atomic per block).
-__device__ __forceinline__ void add_block_stats(double sum_sq, bool nonfinite, double* grad_stats) {
+// A launch's scratch space, in int64 words: [0] the blocks-done counter (self-resetting), then capacity
+// per-block sums of squares and capacity per-block non-finite counts.
+struct LaunchWorkspace {
+  unsigned int* blocks_done;
+  double* partial_sums;
+  double* partial_nonfinite;
+};
+
+constexpr int64_t workspace_words(int64_t capacity) { return 1 + 2 * capacity; }
+
+inline LaunchWorkspace workspace_at(int64_t* words, int64_t capacity) {
+  return LaunchWorkspace{reinterpret_cast<unsigned int*>(words), reinterpret_cast<double*>(words + 1),
+                         reinterpret_cast<double*>(words + 1 + capacity)};
+}
+
+// The block's (sum, non-finite count), valid in every thread. Fixed shuffle pattern and warp order: the
+// result does not depend on timing.
+__device__ __forceinline__ void block_sum(double& sum, double& nonfinite) {
   __shared__ double warp_sums[kThreads / 32];
-  __shared__ bool warp_nonfinite[kThreads / 32];
+  __shared__ double warp_nonfinite[kThreads / 32];
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) sum_sq += __shfl_down_sync(0xffffffffu, sum_sq, offset);
-  nonfinite = __any_sync(0xffffffffu, nonfinite);
+  for (int offset = 16; offset > 0; offset /= 2) {
+    sum += __shfl_down_sync(0xffffffffu, sum, offset);
+    nonfinite += __shfl_down_sync(0xffffffffu, nonfinite, offset);
+  }
   const int warp = threadIdx.x / 32;
+  __syncthreads();  // the shared arrays may still be read by a previous call
   if (threadIdx.x % 32 == 0) {
-    warp_sums[warp] = sum_sq;
+    warp_sums[warp] = sum;
     warp_nonfinite[warp] = nonfinite;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    double block_sum = 0.0;
-    bool block_nonfinite = false;
-    for (int w = 0; w < kThreads / 32; ++w) {
-      block_sum += warp_sums[w];
-      block_nonfinite |= warp_nonfinite[w];
-    }
-    atomicAdd(&grad_stats[0], block_sum);
-    if (block_nonfinite) atomicAdd(&grad_stats[1], 1.0);
+  sum = 0.0;
+  nonfinite = 0.0;
+  for (int w = 0; w < kThreads / 32; ++w) {
+    sum += warp_sums[w];
+    nonfinite += warp_nonfinite[w];
   }
 }
 
-// Waits until every block of the grid has arrived. Only for cooperative launches, which guarantee that all
-// blocks are resident at once (otherwise a waiting block could keep a later one from ever starting).
-__device__ __forceinline__ void grid_barrier(int64_t* arrived) {
+// The sum of the grid's per-block partials, added in block order (read through L2: other blocks wrote them).
+__device__ __forceinline__ void sum_partials(const LaunchWorkspace& ws, double stats[kGradStats]) {
+  double sum = 0.0, nonfinite = 0.0;
+  for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) {
+    sum += __ldcg(&ws.partial_sums[b]);
+    nonfinite += __ldcg(&ws.partial_nonfinite[b]);
+  }
+  block_sum(sum, nonfinite);
+  stats[0] += sum;
+  stats[1] += nonfinite;
+}
+
+// True in every thread of the last block to get here; that block then sees every other block's writes. The
+// counter wraps back to 0 (atomicInc), ready for the next launch that uses this workspace.
+__device__ __forceinline__ bool last_block_done(unsigned int* counter) {
+  __shared__ bool is_last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    auto* counter = reinterpret_cast<unsigned long long*>(arrived);
     __threadfence();
-    atomicAdd(counter, 1ull);
-    while (*reinterpret_cast<volatile unsigned long long*>(counter) < gridDim.x) __nanosleep(32);
-    __threadfence();
+    is_last = atomicInc(counter, gridDim.x - 1) == gridDim.x - 1;
   }
   __syncthreads();
+  if (is_last) __threadfence();
+  return is_last;
 }
 
 // Not inlined: the schedule math runs once per step in one block, and inlined into every kernel it would cost
-// registers in the update loop.
-static __device__ __noinline__ void advance_group_schedule(const TableHeader& header, int64_t g) {
-  advance_schedule(header.schedule_program + g * header.schedule_program_stride,
-                   header.schedule_state + g * header.schedule_state_stride, header.schedule_lrs + g,
-                   header.schedule_momenta ? header.schedule_momenta + g : nullptr, nullptr);
+// registers in the update loop. Takes scalars, not the kernel's ScheduleArgs by reference: a reference to a
+// kernel parameter makes the kernel copy it to its stack.
+static __device__ __noinline__ void advance_group_schedule(const double* program, double* state, double* lr,
+                                                           double* momentum) {
+  advance_schedule(program, state, lr, momentum, nullptr);
 }
 
 template <typename scalar_t, typename Rule>
-__global__ void __launch_bounds__(kThreads) fused_step_kernel(int64_t* table_words_ptr) {
+__global__ void __launch_bounds__(kThreads)
+    fused_step_kernel(const int64_t* __restrict__ table_words_ptr, const StepArgs args, const LaunchWorkspace ws) {
   using T = typename Rule::opmath_t;
-  const TableView table{table_words_ptr};
-  TableHeader& header = table.header();
+  const TableView table{const_cast<int64_t*>(table_words_ptr)};
+  const TableHeader& header = table.header();
   const int64_t num_chunks = header.num_chunks;
-  const int64_t phases = header.phases;
+  const int64_t phases = args.phases;
   auto chunk_bounds = [&](int64_t chunk, int64_t& t, int64_t& begin, int64_t& end) {
     t = table.tensor_of_chunk(chunk);
     begin = (chunk - table.first_chunk()[t]) * kChunkSize;
     end = min(begin + kChunkSize, table.tensors()[t].numel);
   };
 
+  // grad_stats holds what earlier launches of this step reduced (stream order: they have finished).
+  double stats[kGradStats] = {0.0, 0.0};
+  if (args.grad_stats != nullptr) {
+    for (int k = 0; k < kGradStats; ++k) stats[k] = __ldcg(&args.grad_stats[k]);
+  }
   if (phases & kReduceGrads) {
     double sum_sq = 0.0;
     bool nonfinite = false;
@@ -183,17 +228,30 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(int64_t* table_wor
       chunk_bounds(chunk, t, begin, end);
       reduce_chunk<scalar_t>(table.tensors()[t], begin, end, sum_sq, nonfinite);
     }
-    add_block_stats(sum_sq, nonfinite, header.grad_stats);
-    if (!(phases & kUpdate)) return;
-    grid_barrier(&header.blocks_arrived);
+    double block_nonfinite = nonfinite ? 1.0 : 0.0;
+    block_sum(sum_sq, block_nonfinite);
+    if (threadIdx.x == 0) {
+      ws.partial_sums[blockIdx.x] = sum_sq;
+      ws.partial_nonfinite[blockIdx.x] = block_nonfinite;
+    }
+    if (!(phases & kUpdate)) {
+      // Reduce only (several launches per step, or the two-launch fallback): the last block adds this
+      // launch's total to grad_stats, after the launches before it in the stream.
+      if (!last_block_done(ws.blocks_done)) return;
+      sum_partials(ws, stats);
+      if (threadIdx.x == 0) {
+        for (int k = 0; k < kGradStats; ++k) args.grad_stats[k] = stats[k];
+      }
+      return;
+    }
+    // Every block is resident (a cooperative launch): wait for all partials, then every block adds them in
+    // the same order and gets the same total.
+    __threadfence();
+    cooperative_groups::this_grid().sync();
+    sum_partials(ws, stats);
   }
 
-  // grad_stats is read through L2 (__ldcg): other blocks wrote it during this launch.
-  double stats[kGradStats] = {0.0, 0.0};
-  if (header.grad_stats != nullptr) {
-    for (int k = 0; k < kGradStats; ++k) stats[k] = __ldcg(&header.grad_stats[k]);
-  }
-  const GradAdjustment adjust = grad_adjustment(header, stats);
+  const GradAdjustment adjust = grad_adjustment(args, stats);
   if (!adjust.skip) {
     // After a reduction in this launch, walk the chunks backwards: the grads read last are still in L2.
     const bool backwards = (phases & kReduceGrads) != 0;
@@ -207,81 +265,191 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(int64_t* table_wor
     }
   }
 
-  __shared__ bool is_last_block;
-  __syncthreads();  // every thread of this block is past its reads of the step counters, lrs and grad_stats
-  if (threadIdx.x == 0) {
-    __threadfence();
-    auto* done = reinterpret_cast<unsigned long long*>(&header.blocks_done);
-    is_last_block = atomicAdd(done, 1ull) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!is_last_block) return;
-  __threadfence();
+  // Only once every block is past its reads of the step counters, lrs and grad_stats.
+  if (!last_block_done(ws.blocks_done)) return;
   if (!adjust.skip) {
     const int64_t num_tensors = header.num_tensors;
     for (int64_t t = threadIdx.x; t < num_tensors; t += blockDim.x) {
       if (float* step = table.tensors()[t].step) *step += 1.0f;
     }
-    for (int64_t g = threadIdx.x; g < header.schedule_groups; g += blockDim.x) advance_group_schedule(header, g);
+    const ScheduleArgs& schedule = args.schedule;
+    for (int64_t g = threadIdx.x; g < schedule.groups; g += blockDim.x) {
+      advance_group_schedule(schedule.program + g * schedule.program_stride, schedule.state + g * schedule.state_stride,
+                             schedule.lrs + g, schedule.momenta ? schedule.momenta + g : nullptr);
+    }
   }
   if (threadIdx.x == 0) {
-    if (header.found_inf != nullptr) *header.found_inf = adjust.skip ? 1.0f : 0.0f;
-    if (phases & kResetStats) {
-      for (int k = 0; k < kGradStats; ++k) header.grad_stats[k] = 0.0;
+    if (args.found_inf != nullptr) *args.found_inf = adjust.skip ? 1.0f : 0.0f;
+    if (args.grad_stats != nullptr) {
+      // Keep this launch's reduction for the launches after it, or start the next step from zero.
+      for (int k = 0; k < kGradStats; ++k) args.grad_stats[k] = (phases & kResetStats) ? 0.0 : stats[k];
     }
-    header.blocks_arrived = 0;  // ready for the next launch (and graph replay)
-    header.blocks_done = 0;
   }
 }
 
-// Blocks that fit on the device at once: the persistent grid's size.
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, c10::DeviceIndex device) {
-  static std::array<int, 64> per_device{};  // 0 until queried
-  int& blocks = per_device.at(device);
-  if (blocks == 0) {
+// ---- Launch configuration ----
+
+constexpr int kMaxDevices = 64;
+
+struct DeviceLimits {
+  int64_t workspace_capacity = 0;  // the most blocks any kernel can have resident: SMs x max blocks per SM
+  bool cooperative = false;        // cudaDevAttrCooperativeLaunch
+};
+
+inline const DeviceLimits& device_limits(c10::DeviceIndex device) {
+  static std::array<DeviceLimits, kMaxDevices> limits{};
+  static std::array<std::once_flag, kMaxDevices> once;
+  std::call_once(once.at(device), [&] {
+    int sms = 0, per_sm = 0, cooperative = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxBlocksPerMultiprocessor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+    limits[device] = DeviceLimits{int64_t(sms) * std::max(per_sm, 1), cooperative != 0};
+  });
+  return limits[device];
+}
+
+// Blocks of this kernel instantiation that fit on the device at once: the persistent grid's size. Registers
+// differ between instantiations (SGD, fp32 AdamW and bf16 amsgrad Adam fit 4, 3 and 2 blocks per SM on sm_90),
+// so the cache is per instantiation (a static of this template) and per device.
+template <typename scalar_t, typename Rule>
+int64_t resident_blocks(c10::DeviceIndex device) {
+  static std::array<std::atomic<int64_t>, kMaxDevices> per_device{};  // 0 until queried
+  std::atomic<int64_t>& blocks = per_device.at(device);
+  if (blocks.load(std::memory_order_relaxed) == 0) {
     int sms = 0, per_sm = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-    blocks = sms * std::max(per_sm, 1);
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_step_kernel<scalar_t, Rule>,
+                                                                 kThreads, 0));
+    blocks.store(int64_t(sms) * std::max(per_sm, 1), std::memory_order_relaxed);
   }
-  return blocks;
+  return blocks.load(std::memory_order_relaxed);
 }
 
-// Copies the host table to the device, asynchronously.
-inline void upload_table(PreparedStep& prepared, cudaStream_t stream) {
-  const TableHeader& header = prepared.host.header();
-  const int64_t bytes = table_words(header.num_tensors, header.num_groups) * int64_t(sizeof(int64_t));
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) {
-    // The graph's copy node reads its source at every replay, so the source must outlive the graph: the pinned
-    // host table that the optimizer owns, which keeps this table until a later eager step changes it.
-    TORCH_CHECK(prepared.host_table.is_pinned(),
-                "fusedopt: capturing a step whose tensor table changed needs a pinned host_table");
-    C10_CUDA_CHECK(cudaMemcpyAsync(prepared.device_table.data_ptr(), prepared.host.base, bytes,
-                                   cudaMemcpyHostToDevice, stream));
-    return;
+// ---- Eager workspaces: one per (device, stream), zeroed once; launches on one stream run one after another ----
+
+inline int64_t* eager_workspace(c10::DeviceIndex device, cudaStream_t stream) {
+  static std::mutex mutex;
+  static auto* workspaces = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // never freed: see below
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& words = (*workspaces)[{int(device), stream}];
+  if (!words.defined()) {
+    const int64_t capacity = device_limits(device).workspace_capacity;
+    words = at::zeros({workspace_words(capacity)}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device));
   }
-  // Eager: copy through a fresh pinned block, which the caching host allocator keeps alive until the copy has
-  // run, so the next step may rewrite the host table at once without waiting for the device.
-  at::Tensor staging = at::empty({bytes / int64_t(sizeof(int64_t))}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::memcpy(staging.data_ptr(), prepared.host.base, bytes);
-  prepared.device_table.copy_(staging, /*non_blocking=*/true);
+  return words.data_ptr<int64_t>();
+}
+
+// ---- Captured launches: a snapshot of the table that the graph owns ----
+
+// The pinned source of the graph's copy node and the device table plus workspace it fills, alive as long as
+// the graph (a CUDA user object). Its destructor runs on a CUDA thread, where no CUDA call is allowed, so it
+// only queues the snapshot; the next eager launch frees it.
+struct CaptureSnapshot {
+  at::Tensor host;
+  at::Tensor device;
+};
+
+inline std::mutex& released_snapshots_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+inline std::vector<CaptureSnapshot*>& released_snapshots() {
+  static auto* released = new std::vector<CaptureSnapshot*>();  // leaked: graphs may die after static teardown
+  return *released;
+}
+
+inline void release_snapshot(void* snapshot) {
+  const std::lock_guard<std::mutex> lock(released_snapshots_mutex());
+  released_snapshots().push_back(static_cast<CaptureSnapshot*>(snapshot));
+}
+
+inline void free_released_snapshots() {
+  std::vector<CaptureSnapshot*> to_free;
+  {
+    const std::lock_guard<std::mutex> lock(released_snapshots_mutex());
+    to_free.swap(released_snapshots());
+  }
+  for (CaptureSnapshot* snapshot : to_free) delete snapshot;
+}
+
+// The device table (and workspace) this captured launch reads: a copy that no later call rewrites.
+inline int64_t* capture_snapshot(PreparedStep& prepared, cudaStream_t stream, int64_t capacity) {
+  const TableHeader& header = prepared.host.header();
+  const int64_t table = table_words(header.num_tensors, header.num_groups);
+  // Host: the table, then a zero blocks-done counter; the partials need no initial value.
+  auto* snapshot = new CaptureSnapshot{
+      at::empty({table + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true)),
+      at::empty({table + workspace_words(capacity)}, prepared.device_table.options())};
+  std::memcpy(snapshot->host.data_ptr(), prepared.host.base, table * sizeof(int64_t));
+  snapshot->host.data_ptr<int64_t>()[table] = 0;
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaGraph_t graph = nullptr;
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph));
+  cudaUserObject_t owner = nullptr;
+  C10_CUDA_CHECK(cudaUserObjectCreate(&owner, snapshot, release_snapshot, 1, cudaUserObjectNoDestructorSync));
+  C10_CUDA_CHECK(cudaGraphRetainUserObject(graph, owner, 1, cudaGraphUserObjectMove));
+  // Replayed every time: it re-zeroes the counter too, harmless as a finished launch leaves it at zero.
+  C10_CUDA_CHECK(cudaMemcpyAsync(snapshot->device.data_ptr(), snapshot->host.data_ptr(), (table + 1) * sizeof(int64_t),
+                                 cudaMemcpyHostToDevice, stream));
+  return snapshot->device.data_ptr<int64_t>();
+}
+
+// ---- Eager uploads ----
+
+// Copies words [offset, offset + count) of the host table to the device copy, through a fresh pinned block
+// that the caching host allocator keeps alive until the copy has run, so the host may rewrite its table at once.
+inline void upload_words(PreparedStep& prepared, int64_t offset, int64_t count) {
+  if (count == 0) return;
+  at::Tensor staging = at::empty({count}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::memcpy(staging.data_ptr(), prepared.host.base + offset, count * sizeof(int64_t));
+  prepared.device_table.narrow(0, offset, count).copy_(staging, /*non_blocking=*/true);
+}
+
+// Brings the eager device table up to date: all of it after a structural change, only the group entries after
+// a hyperparameter change, nothing otherwise.
+inline void refresh_device_table(PreparedStep& prepared) {
+  TableHeader& header = prepared.host.header();
+  if (prepared.table_changed || header.device_copy_stale) {
+    header.device_copy_stale = 0;
+    upload_words(prepared, 0, table_words(header.num_tensors, header.num_groups));
+  } else if (prepared.groups_changed) {
+    upload_words(prepared, group_words_offset(header.num_tensors), group_words(header.num_groups));
+  }
 }
 
 struct CudaRunner {
   template <typename scalar_t, typename Rule>
   static void run(PreparedStep& prepared) {
     const c10::cuda::CUDAGuard guard(prepared.device);
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(prepared.device.index());
+    const c10::DeviceIndex device = prepared.device.index();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device);
     const TableHeader& header = prepared.host.header();
-    if (prepared.table_changed) upload_table(prepared, stream);
+    const DeviceLimits& limits = device_limits(device);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+
+    const int64_t* table = nullptr;
+    LaunchWorkspace ws{};
+    if (capture == cudaStreamCaptureStatusNone) {
+      free_released_snapshots();
+      refresh_device_table(prepared);
+      table = prepared.device_table.data_ptr<int64_t>();
+      ws = workspace_at(eager_workspace(device, stream), limits.workspace_capacity);
+    } else {
+      // The eager copy stays as it was: the next eager step uploads what this capture changed.
+      if (prepared.table_changed || prepared.groups_changed) prepared.host.header().device_copy_stale = 1;
+      int64_t* words = capture_snapshot(prepared, stream, limits.workspace_capacity);
+      table = words;
+      ws = workspace_at(words + table_words(header.num_tensors, header.num_groups), limits.workspace_capacity);
+    }
+
     auto kernel = fused_step_kernel<scalar_t, Rule>;
-    const int64_t blocks =
-        std::max<int64_t>(1, std::min<int64_t>(header.num_chunks, resident_blocks(kernel, prepared.device.index())));
-    int64_t* table = prepared.device_table.data_ptr<int64_t>();
-    if ((header.phases & kReduceGrads) && (header.phases & kUpdate)) {
+    const int64_t blocks = std::max<int64_t>(
+        1, std::min({header.num_chunks, resident_blocks<scalar_t, Rule>(device), limits.workspace_capacity}));
+    const StepArgs& args = prepared.args;
+    const bool both = (args.phases & kReduceGrads) && (args.phases & kUpdate);
+    if (both && limits.cooperative && cooperative_launch_enabled().load(std::memory_order_relaxed)) {
       // The grid barrier between the phases needs every block resident: a cooperative launch guarantees it.
       cudaLaunchConfig_t config{};
       config.gridDim = dim3(unsigned(blocks));
@@ -292,11 +460,28 @@ struct CudaRunner {
       cooperative.val.cooperative = 1;
       config.attrs = &cooperative;
       config.numAttrs = 1;
-      C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, table));
-    } else {
-      kernel<<<blocks, kThreads, 0, stream>>>(table);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const cudaError_t status = cudaLaunchKernelEx(&config, kernel, table, args, ws);
+      if (status != cudaErrorCooperativeLaunchTooLarge) {
+        C10_CUDA_CHECK(status);
+        return;
+      }
+      // Fewer SMs than the device reports (MPS, green contexts): fall back to two launches.
+      (void)cudaGetLastError();
     }
+    if (both) {
+      // Two launches: the reduction (its last block adds the partials into grad_stats), then the update.
+      StepArgs reduce = args;
+      reduce.phases = kReduceGrads;
+      kernel<<<blocks, kThreads, 0, stream>>>(table, reduce, ws);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      StepArgs update = args;
+      update.phases = args.phases & ~int64_t(kReduceGrads);
+      kernel<<<blocks, kThreads, 0, stream>>>(table, update, ws);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    kernel<<<blocks, kThreads, 0, stream>>>(table, args, ws);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 
@@ -304,4 +489,4 @@ struct CudaRunner {
 
 // Each algorithm's CUDA kernels live in their own translation unit so they compile in parallel.
 #define FUSEDOPT_REGISTER_CUDA(op) \
-  TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) { m.impl(#op, &fusedopt::op##impl<fusedopt::CudaRunner>); }
+  TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) { m.impl(#op, FUSEDOPT_BOXED(op, fusedopt::CudaRunner)); }

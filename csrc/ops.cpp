@@ -163,20 +163,51 @@ void validate(const StepInputs& in) {
 }
 
 // The kernels walk each tensor as one flat array, so param, grad and state must share one dense layout. Where
-// they do not (a param that is a strided view, a grad whose strides differ), work on dense copies.
-at::Tensor dense_like(const at::Tensor& t, const at::Tensor& reference, PreparedStep& prepared, bool mutated) {
-  if (t.numel() == 0 || t.strides() == reference.strides()) return t;
+// they do not (a param that is a strided view, a grad whose strides differ), work on dense copies. Returns the
+// data the kernel reads.
+void* dense_data(const at::Tensor& t, const at::Tensor& reference, PreparedStep& prepared, bool mutated) {
+  // Two contiguous tensors of one shape walk alike (the cached flags spare comparing strides).
+  if ((t.is_contiguous() && reference.is_contiguous()) || t.numel() == 0 || t.strides() == reference.strides()) {
+    return t.data_ptr();
+  }
   at::Tensor copy = at::empty_like(reference);
   copy.copy_(t);
+  void* data = copy.data_ptr();
   if (mutated) {
-    prepared.write_back.emplace_back(t, copy);
+    prepared.write_back.emplace_back(t, std::move(copy));
   } else {
-    prepared.keep_alive.push_back(copy);
+    prepared.keep_alive.push_back(std::move(copy));
   }
-  return copy;
+  return data;
+}
+
+// The per-call values, read from the op's arguments at every call (validated by validate_extras).
+StepArgs step_args(const StepExtras& x) {
+  auto pointer = [](const OptionalTensor& t) { return given(t) ? t->data_ptr() : nullptr; };
+  StepArgs args{};
+  args.phases = x.phases;
+  args.grad_scale = static_cast<const float*>(pointer(x.grad_scale));
+  args.skip_if = static_cast<const float*>(pointer(x.skip_if));
+  args.found_inf = static_cast<float*>(pointer(x.found_inf));
+  args.grad_stats = static_cast<double*>(pointer(x.grad_stats));
+  args.max_grad_norm = x.max_grad_norm;
+  ScheduleArgs& schedule = args.schedule;
+  schedule.groups = given(x.schedule_lrs) ? x.schedule_lrs->numel() : 0;
+  schedule.lrs = static_cast<double*>(pointer(x.schedule_lrs));
+  schedule.momenta = static_cast<double*>(pointer(x.schedule_momenta));
+  schedule.program = static_cast<const double*>(pointer(x.schedule_program));
+  schedule.state = static_cast<double*>(pointer(x.schedule_state));
+  schedule.program_stride = given(x.schedule_program) ? x.schedule_program->size(1) : 0;
+  schedule.state_stride = given(x.schedule_state) ? x.schedule_state->size(1) : 0;
+  return args;
 }
 
 }  // namespace
+
+std::atomic<bool>& cooperative_launch_enabled() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
 
 PreparedStep prepare_step(const StepInputs& in) {
   validate(in);
@@ -201,29 +232,33 @@ PreparedStep prepare_step(const StepInputs& in) {
     header.num_chunks = -1;
   };
   if (changed) {
+    const int64_t stale = header.device_copy_stale;
     header = TableHeader{};
+    header.device_copy_stale = stale;
     header.num_tensors = n;  // fixes where the group entries and the chunk map start
     header.num_groups = num_groups;
     mark_changed();
   }
 
+  bool groups_changed = false;
   int64_t group = 0;
   for (int64_t i = 0; i < n; ++i) {
     while (in.group_ends[group] <= i) ++group;
-    at::Tensor param = in.params[i];
-    if (param.numel() != 0 && !param.is_non_overlapping_and_dense()) {
-      at::Tensor copy = param.contiguous();
-      prepared.write_back.emplace_back(param, copy);
-      param = copy;
+    const at::Tensor* param = &in.params[i];
+    at::Tensor dense_param;  // only for a param the kernel cannot walk in place
+    if (param->numel() != 0 && !param->is_non_overlapping_and_dense()) {
+      dense_param = param->contiguous();
+      prepared.write_back.emplace_back(*param, dense_param);
+      param = &dense_param;
     }
     TensorEntry e{};
-    e.param = param.data_ptr();
-    e.grad = dense_like(in.grads[i], param, prepared, false).data_ptr();
+    e.param = param->data_ptr();
+    e.grad = dense_data(in.grads[i], *param, prepared, false);
     for (int k = 0; k < kMaxStates; ++k) {
-      e.state[k] = k < int(in.states.size()) ? dense_like(in.states[k][i], param, prepared, true).data_ptr() : nullptr;
+      e.state[k] = k < int(in.states.size()) ? dense_data(in.states[k][i], *param, prepared, true) : nullptr;
     }
     e.step = in.uses_step ? in.steps[i].data_ptr<float>() : nullptr;
-    e.numel = param.numel();
+    e.numel = param->numel();
     e.group = int32_t(group);
     e.fresh_state = in.fresh_state.empty() ? 0 : int32_t(in.fresh_state[i] != 0);
     if (std::memcmp(&e, &table.tensors()[i], sizeof(TensorEntry)) != 0) {
@@ -248,35 +283,19 @@ PreparedStep prepare_step(const StepInputs& in) {
         entry.hyper[in.momentum_slot] = 0.0;  // unused: the kernel reads the tensor
       }
     }
+    // A group entry holds no pointer the chunk map depends on: rewriting it leaves the table valid.
     if (std::memcmp(&entry, &table.groups()[g], sizeof(GroupEntry)) != 0) {
-      if (!changed) mark_changed();
+      groups_changed = true;
       table.groups()[g] = entry;
     }
   }
 
-  // Header settings: what a step does besides the update, compared like the entries.
-  const StepExtras& x = in.extras;
-  TableHeader settings = header;
-  auto pointer = [](const OptionalTensor& t) { return given(t) ? t->data_ptr() : nullptr; };
-  settings.phases = x.phases;
-  settings.momentum_slot = in.momentum_slot;
-  settings.grad_scale = static_cast<const float*>(pointer(x.grad_scale));
-  settings.skip_if = static_cast<const float*>(pointer(x.skip_if));
-  settings.found_inf = static_cast<float*>(pointer(x.found_inf));
-  settings.grad_stats = static_cast<double*>(pointer(x.grad_stats));
-  settings.max_grad_norm = x.max_grad_norm;
-  settings.schedule_groups = given(x.schedule_lrs) ? x.schedule_lrs->numel() : 0;
-  settings.schedule_lrs = static_cast<double*>(pointer(x.schedule_lrs));
-  settings.schedule_momenta = static_cast<double*>(pointer(x.schedule_momenta));
-  settings.schedule_program = static_cast<const double*>(pointer(x.schedule_program));
-  settings.schedule_state = static_cast<double*>(pointer(x.schedule_state));
-  settings.schedule_program_stride = given(x.schedule_program) ? x.schedule_program->size(1) : 0;
-  settings.schedule_state_stride = given(x.schedule_state) ? x.schedule_state->size(1) : 0;
-  if (std::memcmp(&settings, &header, sizeof(TableHeader)) != 0) {
+  if (header.momentum_slot != in.momentum_slot) {
     if (!changed) mark_changed();
-    settings.num_chunks = header.num_chunks;
-    header = settings;
+    header.momentum_slot = in.momentum_slot;
   }
+  prepared.args = step_args(in.extras);
+  prepared.groups_changed = groups_changed && !changed;
 
   if (changed) {
     int64_t* first_chunk = table.first_chunk();
@@ -364,6 +383,11 @@ void reduce_range(const TensorEntry& e, int64_t begin, int64_t end, double& sum_
   nonfinite = bad;
 }
 
+void advance_group_schedule(const ScheduleArgs& schedule, int64_t g) {
+  advance_schedule(schedule.program + g * schedule.program_stride, schedule.state + g * schedule.state_stride,
+                   schedule.lrs + g, schedule.momenta ? schedule.momenta + g : nullptr, nullptr);
+}
+
 // Below this many elements a single thread is faster than waking the pool.
 constexpr int64_t kSerialBelow = 1 << 16;
 
@@ -372,7 +396,8 @@ struct CpuRunner {
   static void run(PreparedStep& prepared) {
     using T = typename Rule::opmath_t;
     const TableView table = prepared.host;
-    TableHeader& header = table.header();
+    const TableHeader& header = table.header();
+    const StepArgs& args = prepared.args;
     const int64_t num_chunks = header.num_chunks;
     // body(entry, start, stop, chunk) for every chunk, in parallel where it pays off.
     auto for_each_chunk = [&](auto&& body) {
@@ -393,7 +418,7 @@ struct CpuRunner {
       }
     };
 
-    if (header.phases & kReduceGrads) {
+    if (args.phases & kReduceGrads) {
       // Per-chunk partial sums added in chunk order: the result does not depend on the thread count.
       std::vector<double> sums(num_chunks);
       std::vector<char> nonfinite(num_chunks);
@@ -403,14 +428,14 @@ struct CpuRunner {
         nonfinite[chunk] = bad;
       });
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-        header.grad_stats[0] += sums[chunk];
-        if (nonfinite[chunk]) header.grad_stats[1] += 1.0;
+        args.grad_stats[0] += sums[chunk];
+        if (nonfinite[chunk]) args.grad_stats[1] += 1.0;
       }
     }
-    if (!(header.phases & kUpdate)) return;
+    if (!(args.phases & kUpdate)) return;
 
     const double no_stats[kGradStats] = {0.0, 0.0};
-    const GradAdjustment adjust = grad_adjustment(header, header.grad_stats ? header.grad_stats : no_stats);
+    const GradAdjustment adjust = grad_adjustment(args, args.grad_stats ? args.grad_stats : no_stats);
     if (!adjust.skip) {
       const T grad_factor = T(adjust.factor);
       for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t) {
@@ -420,14 +445,10 @@ struct CpuRunner {
       for (int64_t t = 0; t < header.num_tensors; ++t) {
         if (float* step = table.tensors()[t].step) *step += 1.0f;
       }
-      for (int64_t g = 0; g < header.schedule_groups; ++g) {
-        advance_schedule(header.schedule_program + g * header.schedule_program_stride,
-                         header.schedule_state + g * header.schedule_state_stride, header.schedule_lrs + g,
-                         header.schedule_momenta ? header.schedule_momenta + g : nullptr, nullptr);
-      }
+      for (int64_t g = 0; g < args.schedule.groups; ++g) advance_group_schedule(args.schedule, g);
     }
-    if (header.found_inf != nullptr) *header.found_inf = adjust.skip ? 1.0f : 0.0f;
-    if (header.phases & kResetStats) std::fill_n(header.grad_stats, kGradStats, 0.0);
+    if (args.found_inf != nullptr) *args.found_inf = adjust.skip ? 1.0f : 0.0f;
+    if (args.phases & kResetStats) std::fill_n(args.grad_stats, kGradStats, 0.0);
   }
 };
 
@@ -478,5 +499,14 @@ TORCH_LIBRARY(fusedopt, m) {
 }
 
 TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { register_impls<CpuRunner>(m); }
+
+// The step ops run outside autograd, as torch's fused optimizer kernels do (optimizers step under no_grad).
+// Without an Autograd kernel every call would go through torch's autograd fallback, which visits each of the
+// thousands of tensor arguments; a fallthrough goes straight to the device kernel.
+TORCH_LIBRARY_IMPL(fusedopt, Autograd, m) {
+  for (const char* name : {"sgd_", "adam_", "adagrad_", "adadelta_", "adamax_", "rmsprop_"}) {
+    m.impl(name, torch::CppFunction::makeFallthrough());
+  }
+}
 
 }  // namespace fusedopt

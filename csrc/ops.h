@@ -5,8 +5,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -18,48 +20,92 @@ namespace fusedopt {
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 using OptionalTensor = std::optional<at::Tensor>;
 
-// The arguments every step op takes after its options (the schema tail in ops.cpp): a device-read momentum
-// per group, gradient unscaling / skipping / clipping (TableHeader), and a per-step LR schedule to advance.
-struct StepExtras {
-  const OptionalTensorList& momenta;
-  const OptionalTensor& grad_scale;
-  const OptionalTensor& skip_if;
-  const OptionalTensor& found_inf;
-  const OptionalTensor& grad_stats;
-  double max_grad_norm;
-  int64_t phases;
-  const OptionalTensor& schedule_lrs;
-  const OptionalTensor& schedule_momenta;
-  const OptionalTensor& schedule_state;
-  const OptionalTensor& schedule_program;
+// A tensor-list argument read in place from the boxed call's stack. The ops are registered as boxed kernels
+// so that a step reads its thousands of tensors where the caller put them: the unboxed wrapper would copy
+// every list into a std::vector<at::Tensor> (a reference count up and down per tensor) on every call.
+class TensorSpan {
+ public:
+  TensorSpan() = default;
+  explicit TensorSpan(c10::ArrayRef<c10::IValue> items) : items_(items) {}
+  size_t size() const { return items_.size(); }
+  bool empty() const { return items_.empty(); }
+  const at::Tensor& operator[](size_t i) const { return items_[i].toTensor(); }
+
+ private:
+  c10::ArrayRef<c10::IValue> items_;
 };
 
-#define FUSEDOPT_EXTRAS_PARAMS                                                                               \
-  const OptionalTensorList &momenta, const OptionalTensor &grad_scale, const OptionalTensor &skip_if,         \
-      const OptionalTensor &found_inf, const OptionalTensor &grad_stats, double max_grad_norm, int64_t phases, \
-      const OptionalTensor &schedule_lrs, const OptionalTensor &schedule_momenta,                             \
-      const OptionalTensor &schedule_state, const OptionalTensor &schedule_program
-#define FUSEDOPT_EXTRAS                                                                                     \
-  StepExtras {                                                                                              \
-    momenta, grad_scale, skip_if, found_inf, grad_stats, max_grad_norm, phases, schedule_lrs, schedule_momenta, \
-        schedule_state, schedule_program                                                                    \
-  }
+// The arguments every step op takes after its options (the schema tail in ops.cpp): a device-read momentum
+// per group (in the table), gradient unscaling / skipping / clipping and a per-step LR schedule to advance
+// (per-call values: StepArgs, never in the table).
+struct StepExtras {
+  OptionalTensorList momenta;
+  OptionalTensor grad_scale;
+  OptionalTensor skip_if;
+  OptionalTensor found_inf;
+  OptionalTensor grad_stats;
+  double max_grad_norm;
+  int64_t phases;
+  OptionalTensor schedule_lrs;
+  OptionalTensor schedule_momenta;
+  OptionalTensor schedule_state;
+  OptionalTensor schedule_program;
+};
 
 struct StepInputs {
   const char* op_name;
-  at::TensorList params;
-  at::TensorList grads;
-  std::vector<at::TensorList> states;  // the state lists this configuration uses, in rule slot order
+  TensorSpan params;
+  TensorSpan grads;
+  std::vector<TensorSpan> states;  // the state lists this configuration uses, in rule slot order
   bool uses_step;
-  at::TensorList steps;
-  at::IntArrayRef fresh_state;  // empty, or one 0/1 per tensor (SGD)
-  at::IntArrayRef group_ends;
-  at::ArrayRef<double> hyper;
-  const OptionalTensorList& lrs;
-  const at::Tensor& host_table;
-  const at::Tensor& device_table;
+  TensorSpan steps;
+  std::vector<int64_t> fresh_state;  // empty, or one 0/1 per tensor (SGD)
+  std::vector<int64_t> group_ends;
+  std::vector<double> hyper;
+  OptionalTensorList lrs;
+  at::Tensor host_table;
+  at::Tensor device_table;
   int64_t momentum_slot;  // the hyper slot `momenta` replaces, or -1 when the algorithm has no momentum
   StepExtras extras;
+};
+
+// A step op's arguments on the boxed stack, read by their schema names.
+class BoxedArgs {
+ public:
+  BoxedArgs(const c10::OperatorHandle& op, torch::jit::Stack& stack)
+      : schema_(op.schema()), stack_(stack), first_(stack.size() - schema_.arguments().size()) {}
+
+  const c10::IValue& operator[](const char* name) const {
+    const auto index = schema_.argumentIndexWithName(name);
+    TORCH_INTERNAL_ASSERT(index.has_value(), schema_.name(), " has no argument ", name);
+    return stack_[first_ + *index];
+  }
+  TensorSpan tensors(const char* name) const { return TensorSpan((*this)[name].toListRef()); }
+  bool flag(const char* name) const { return (*this)[name].toBool(); }
+  OptionalTensor optional(const char* name) const { return (*this)[name].toOptional<at::Tensor>(); }
+
+  // Everything but the state lists, which the algorithm picks from its options.
+  StepInputs inputs(const char* op_name, std::vector<TensorSpan> states, bool uses_step, int64_t momentum_slot) const {
+    const BoxedArgs& a = *this;
+    return StepInputs{op_name, a.tensors("params"), a.tensors("grads"), std::move(states), uses_step,
+                      uses_step ? a.tensors("state_steps") : TensorSpan{},
+                      uses_step ? std::vector<int64_t>{} : a["fresh_state"].toIntVector(),
+                      a["group_ends"].toIntVector(), a["hyper"].toDoubleVector(),
+                      a["lrs"].to<OptionalTensorList>(), a["host_table"].toTensor(), a["device_table"].toTensor(),
+                      momentum_slot,
+                      StepExtras{a["momenta"].to<OptionalTensorList>(), a.optional("grad_scale"), a.optional("skip_if"),
+                                 a.optional("found_inf"), a.optional("grad_stats"), a["max_grad_norm"].toDouble(),
+                                 a["phases"].toInt(), a.optional("schedule_lrs"), a.optional("schedule_momenta"),
+                                 a.optional("schedule_state"), a.optional("schedule_program")}};
+  }
+
+  // The op returns nothing: pop its arguments.
+  void done() const { torch::jit::drop(stack_, schema_.arguments().size()); }
+
+ private:
+  const c10::FunctionSchema& schema_;
+  torch::jit::Stack& stack_;
+  size_t first_;
 };
 
 struct PreparedStep {
@@ -69,12 +115,18 @@ struct PreparedStep {
   at::Tensor host_table;      // the table as written by the host (pinned for CUDA params)
   TableView host{nullptr};    // typed view of host_table
   at::Tensor device_table;    // the device copy (undefined for CPU params)
+  StepArgs args{};            // this call's per-call values, passed to the kernel by value
   bool table_changed = false; // the device copy must be refreshed before the launch
+  bool groups_changed = false;  // only the group entries changed (a hyperparameter): refresh just those
   // Tensors the kernel cannot update in place (a layout it cannot walk linearly) are updated through a dense
   // working copy: (original, copy) pairs to copy back after the launch, and read-only copies to keep alive.
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back;
   std::vector<at::Tensor> keep_alive;
 };
+
+// CUDA: whether a step that reduces and updates may use one cooperative launch (else: two launches). Tests
+// switch it off to run the fallback that serves devices without cooperative launch; on by default.
+std::atomic<bool>& cooperative_launch_enabled();
 
 // Validates every input (nothing is modified before all checks pass) and refreshes the host table when a
 // pointer, size or hyperparameter differs from what it holds.
@@ -115,116 +167,106 @@ void launch(const StepInputs& inputs, RuleFor rule_for, Flags... flags) {
   finish_step(prepared);
 }
 
-// ---- One implementation per algorithm, registered for each device with its Runner. ----
+// ---- One implementation per algorithm, registered for each device with its Runner (boxed: see TensorSpan). ----
 
 template <class Runner>
-void sgd_impl(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-              at::IntArrayRef fresh_state, at::IntArrayRef group_ends, at::ArrayRef<double> hyper,
-              const OptionalTensorList& lrs, const at::Tensor& host_table, const at::Tensor& device_table,
-              bool momentum, bool nesterov, bool maximize, FUSEDOPT_EXTRAS_PARAMS) {
-  std::vector<at::TensorList> states;
-  if (momentum) states.push_back(momentum_buffers);
-  TORCH_CHECK(momentum || momentum_buffers.empty(), "fusedopt.sgd_: momentum_buffers given without momentum");
+void sgd_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const BoxedArgs a(op, *stack);
   // torch's SGD runs plain SGD for momentum 0 whatever nesterov says (it validates only its defaults).
-  nesterov = nesterov && momentum;
+  const bool momentum = a.flag("momentum"), nesterov = momentum && a.flag("nesterov");
+  std::vector<TensorSpan> states;
+  if (momentum) states.push_back(a.tensors("momentum_buffers"));
+  TORCH_CHECK(momentum || a.tensors("momentum_buffers").empty(), "fusedopt.sgd_: momentum_buffers given without momentum");
   launch<Runner>(
-      StepInputs{"sgd_", params, grads, states, false, {}, fresh_state, group_ends, hyper, lrs, host_table,
-                 device_table, 1, FUSEDOPT_EXTRAS},
+      a.inputs("sgd_", std::move(states), false, 1),
       [](auto m, auto n, auto x) {
         return [](auto t) {
           return TypeTag<SgdRule<typename decltype(t)::type, FUSEDOPT_FLAG(m), FUSEDOPT_FLAG(n), FUSEDOPT_FLAG(x)>>{};
         };
       },
-      momentum, nesterov, maximize);
+      momentum, nesterov, a.flag("maximize"));
+  a.done();
 }
 
 template <class Runner>
-void adam_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList max_exp_avg_sqs, at::TensorList state_steps, at::IntArrayRef group_ends,
-               at::ArrayRef<double> hyper, const OptionalTensorList& lrs, const at::Tensor& host_table,
-               const at::Tensor& device_table, bool amsgrad, bool maximize, bool decoupled_weight_decay,
-               FUSEDOPT_EXTRAS_PARAMS) {
-  std::vector<at::TensorList> states{exp_avgs, exp_avg_sqs};
-  if (amsgrad) states.push_back(max_exp_avg_sqs);
-  TORCH_CHECK(amsgrad || max_exp_avg_sqs.empty(), "fusedopt.adam_: max_exp_avg_sqs given without amsgrad");
+void adam_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const BoxedArgs a(op, *stack);
+  const bool amsgrad = a.flag("amsgrad");
+  std::vector<TensorSpan> states{a.tensors("exp_avgs"), a.tensors("exp_avg_sqs")};
+  if (amsgrad) states.push_back(a.tensors("max_exp_avg_sqs"));
+  TORCH_CHECK(amsgrad || a.tensors("max_exp_avg_sqs").empty(), "fusedopt.adam_: max_exp_avg_sqs given without amsgrad");
   launch<Runner>(
-      StepInputs{"adam_", params, grads, states, true, state_steps, {}, group_ends, hyper, lrs, host_table,
-                 device_table, 1, FUSEDOPT_EXTRAS},
-      [](auto a, auto m, auto d) {
+      a.inputs("adam_", std::move(states), true, 1),
+      [](auto am, auto m, auto d) {
         return [](auto t) {
-          return TypeTag<AdamRule<typename decltype(t)::type, FUSEDOPT_FLAG(a), FUSEDOPT_FLAG(m), FUSEDOPT_FLAG(d)>>{};
+          return TypeTag<AdamRule<typename decltype(t)::type, FUSEDOPT_FLAG(am), FUSEDOPT_FLAG(m), FUSEDOPT_FLAG(d)>>{};
         };
       },
-      amsgrad, maximize, decoupled_weight_decay);
+      amsgrad, a.flag("maximize"), a.flag("decoupled_weight_decay"));
+  a.done();
 }
 
 template <class Runner>
-void adagrad_impl(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
-                  at::TensorList state_steps, at::IntArrayRef group_ends, at::ArrayRef<double> hyper,
-                  const OptionalTensorList& lrs, const at::Tensor& host_table, const at::Tensor& device_table,
-                  bool maximize, FUSEDOPT_EXTRAS_PARAMS) {
+void adagrad_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const BoxedArgs a(op, *stack);
   launch<Runner>(
-      StepInputs{"adagrad_", params, grads, {state_sums}, true, state_steps, {}, group_ends, hyper, lrs,
-                 host_table, device_table, -1, FUSEDOPT_EXTRAS},
+      a.inputs("adagrad_", {a.tensors("state_sums")}, true, -1),
       [](auto m) { return [](auto t) { return TypeTag<AdagradRule<typename decltype(t)::type, FUSEDOPT_FLAG(m)>>{}; }; },
-      maximize);
+      a.flag("maximize"));
+  a.done();
 }
 
 template <class Runner>
-void adadelta_impl(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                   at::TensorList acc_deltas, at::TensorList state_steps, at::IntArrayRef group_ends,
-                   at::ArrayRef<double> hyper, const OptionalTensorList& lrs, const at::Tensor& host_table,
-                   const at::Tensor& device_table, bool maximize, FUSEDOPT_EXTRAS_PARAMS) {
+void adadelta_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const BoxedArgs a(op, *stack);
   launch<Runner>(
-      StepInputs{"adadelta_", params, grads, {square_avgs, acc_deltas}, true, state_steps, {}, group_ends, hyper,
-                 lrs, host_table, device_table, -1, FUSEDOPT_EXTRAS},
+      a.inputs("adadelta_", {a.tensors("square_avgs"), a.tensors("acc_deltas")}, true, -1),
       [](auto m) { return [](auto t) { return TypeTag<AdadeltaRule<typename decltype(t)::type, FUSEDOPT_FLAG(m)>>{}; }; },
-      maximize);
+      a.flag("maximize"));
+  a.done();
 }
 
 template <class Runner>
-void adamax_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_infs,
-                 at::TensorList state_steps, at::IntArrayRef group_ends, at::ArrayRef<double> hyper,
-                 const OptionalTensorList& lrs, const at::Tensor& host_table, const at::Tensor& device_table,
-                 bool maximize, FUSEDOPT_EXTRAS_PARAMS) {
+void adamax_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const BoxedArgs a(op, *stack);
   launch<Runner>(
-      StepInputs{"adamax_", params, grads, {exp_avgs, exp_infs}, true, state_steps, {}, group_ends, hyper, lrs,
-                 host_table, device_table, 1, FUSEDOPT_EXTRAS},
+      a.inputs("adamax_", {a.tensors("exp_avgs"), a.tensors("exp_infs")}, true, 1),
       [](auto m) { return [](auto t) { return TypeTag<AdamaxRule<typename decltype(t)::type, FUSEDOPT_FLAG(m)>>{}; }; },
-      maximize);
+      a.flag("maximize"));
+  a.done();
 }
 
 template <class Runner>
-void rmsprop_impl(at::TensorList params, at::TensorList grads, at::TensorList square_avgs,
-                  at::TensorList momentum_buffers, at::TensorList grad_avgs, at::TensorList state_steps,
-                  at::IntArrayRef group_ends, at::ArrayRef<double> hyper, const OptionalTensorList& lrs,
-                  const at::Tensor& host_table, const at::Tensor& device_table, bool momentum, bool centered,
-                  bool maximize, FUSEDOPT_EXTRAS_PARAMS) {
-  std::vector<at::TensorList> states{square_avgs};
-  if (momentum) states.push_back(momentum_buffers);
-  if (centered) states.push_back(grad_avgs);
-  TORCH_CHECK(momentum || momentum_buffers.empty(), "fusedopt.rmsprop_: momentum_buffers given without momentum");
-  TORCH_CHECK(centered || grad_avgs.empty(), "fusedopt.rmsprop_: grad_avgs given without centered");
+void rmsprop_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const BoxedArgs a(op, *stack);
+  const bool momentum = a.flag("momentum"), centered = a.flag("centered");
+  std::vector<TensorSpan> states{a.tensors("square_avgs")};
+  if (momentum) states.push_back(a.tensors("momentum_buffers"));
+  if (centered) states.push_back(a.tensors("grad_avgs"));
+  TORCH_CHECK(momentum || a.tensors("momentum_buffers").empty(), "fusedopt.rmsprop_: momentum_buffers given without momentum");
+  TORCH_CHECK(centered || a.tensors("grad_avgs").empty(), "fusedopt.rmsprop_: grad_avgs given without centered");
   launch<Runner>(
-      StepInputs{"rmsprop_", params, grads, states, true, state_steps, {}, group_ends, hyper, lrs, host_table,
-                 device_table, 4, FUSEDOPT_EXTRAS},
+      a.inputs("rmsprop_", std::move(states), true, 4),
       [](auto m, auto c, auto x) {
         return [](auto t) {
           return TypeTag<RmspropRule<typename decltype(t)::type, FUSEDOPT_FLAG(m), FUSEDOPT_FLAG(c), FUSEDOPT_FLAG(x)>>{};
         };
       },
-      momentum, centered, maximize);
+      momentum, centered, a.flag("maximize"));
+  a.done();
 }
+
+#define FUSEDOPT_BOXED(op, Runner) torch::CppFunction::makeFromBoxedFunction<&fusedopt::op##boxed<Runner>>()
 
 // Registers every algorithm's implementation for one dispatch key.
 template <class Runner>
 void register_impls(torch::Library& m) {
-  m.impl("sgd_", &sgd_impl<Runner>);
-  m.impl("adam_", &adam_impl<Runner>);
-  m.impl("adagrad_", &adagrad_impl<Runner>);
-  m.impl("adadelta_", &adadelta_impl<Runner>);
-  m.impl("adamax_", &adamax_impl<Runner>);
-  m.impl("rmsprop_", &rmsprop_impl<Runner>);
+  m.impl("sgd_", FUSEDOPT_BOXED(sgd_, Runner));
+  m.impl("adam_", FUSEDOPT_BOXED(adam_, Runner));
+  m.impl("adagrad_", FUSEDOPT_BOXED(adagrad_, Runner));
+  m.impl("adadelta_", FUSEDOPT_BOXED(adadelta_, Runner));
+  m.impl("adamax_", FUSEDOPT_BOXED(adamax_, Runner));
+  m.impl("rmsprop_", FUSEDOPT_BOXED(rmsprop_, Runner));
 }
 
 }  // namespace fusedopt

@@ -1,6 +1,8 @@
 // The table one fused launch walks: every tensor of every param group, its group's hyperparameters, and the
 // chunk map that splits tensors into fixed-size work items. The host writes it (csrc/ops.cpp) only when a
 // pointer, size or hyperparameter changes; the CUDA kernel reads a device copy, the CPU kernel the host copy.
+// What changes per call (phases, GradScaler tensors, clipping, the schedule to advance) is not in the table:
+// it travels as StepArgs, by value.
 //
 // Layout, in int64 words:  TableHeader | TensorEntry[num_tensors] | GroupEntry[num_groups]
 //                          | first_chunk[num_tensors + 1]   (prefix sums: tensor t owns chunks
@@ -22,9 +24,10 @@ namespace fusedopt {
 constexpr int64_t kChunkSize = 16384;
 constexpr int kMaxStates = 3;
 
-// What a launch does (TableHeader::phases). A step that unscales or clips gradients needs their global
+// What a launch does (StepArgs::phases). A step that unscales or clips gradients needs their global
 // non-finite flag and sum of squares before any update: one launch does both phases with a grid barrier
-// between them; an optimizer with several launches on one device reduces in each, then updates in each.
+// between them; an optimizer with several launches on one device (or params on several devices) reduces in
+// each, then updates in each.
 enum StepPhase : int64_t {
   kReduceGrads = 1,  // accumulate the grads' sum of squares and non-finite flag into grad_stats
   kUpdate = 2,       // the update itself
@@ -34,31 +37,41 @@ enum StepPhase : int64_t {
 // grad_stats (a float64 tensor the optimizer keeps per device): [sum of squares, non-finite flag].
 constexpr int kGradStats = 2;
 
+// What the table describes and no call changes: its sizes and the chunk map's totals. Everything a call may
+// change travels beside the table, by value (StepArgs), so that a call never rewrites or uploads the table
+// and a table captured in a CUDA graph holds nothing the next call could invalidate.
 struct TableHeader {
   int64_t num_tensors;
   int64_t num_groups;
-  int64_t num_chunks;
+  int64_t num_chunks;  // < 0 while the host rewrites the table (a throw half-way leaves it marked incomplete)
   int64_t total_numel;
-  // CUDA only: blocks that finished this launch. The last block to finish bumps every step counter and
-  // resets this to 0, so no block can read a step counter after it has changed.
-  int64_t blocks_done;
-  int64_t blocks_arrived;  // CUDA only: the grid barrier between kReduceGrads and kUpdate
-  int64_t phases;          // StepPhase bits
-  int64_t momentum_slot;   // the hyper slot a group's momentum_value replaces (momentum or beta1)
+  int64_t momentum_slot;  // the hyper slot a group's momentum_value replaces (momentum or beta1)
+  // Host bookkeeping, ignored by the kernels: the eager device copy misses a change that was written while
+  // a step was being captured (the capture uploaded it to its own snapshot only).
+  int64_t device_copy_stale;
+};
+
+// A device LR schedule advanced after a launch's update (csrc/lr_schedule.h), or groups = 0.
+struct ScheduleArgs {
+  int64_t groups;
+  double* lrs;
+  double* momenta;
+  const double* program;
+  double* state;
+  int64_t program_stride;
+  int64_t state_stride;
+};
+
+// The per-call values of one launch, passed to the kernel by value (and to the CPU runner as is).
+struct StepArgs {
+  int64_t phases;           // StepPhase bits
   // Gradient scaling and clipping: the kernel multiplies every grad by (1 / *grad_scale) * clip factor.
   const float* grad_scale;  // GradScaler's scale, or nullptr
   const float* skip_if;     // skip the step when this is non-zero (a found_inf computed elsewhere), or nullptr
   float* found_inf;         // set to 1 when the step was skipped for a non-finite grad, else 0; or nullptr
   double* grad_stats;       // kGradStats doubles, or nullptr
   double max_grad_norm;     // > 0: clip the global grad norm to it
-  // A device LR schedule advanced after this launch's update (csrc/lr_schedule.h), or schedule_groups = 0.
-  int64_t schedule_groups;
-  double* schedule_lrs;
-  double* schedule_momenta;
-  const double* schedule_program;
-  double* schedule_state;
-  int64_t schedule_program_stride;
-  int64_t schedule_state_stride;
+  ScheduleArgs schedule;
 };
 
 struct TensorEntry {
@@ -71,6 +84,9 @@ struct TensorEntry {
   int32_t fresh_state;  // SGD: the momentum buffer is created by this step (torch clones the gradient)
 };
 
+// Group entries change when a float hyperparameter does (a learning rate that changes every step): they lie
+// in one contiguous range of the table, which the host uploads alone when nothing else changed.
+
 struct GroupEntry {
   double hyper[kMaxHyper];
   const void* lr_tensor;  // when set, the learning rate is read from this 1-element tensor at launch time
@@ -78,8 +94,14 @@ struct GroupEntry {
   const double* momentum_value;  // when set, replaces hyper[momentum_slot] (a schedule cycles it on the device)
 };
 
-static_assert(sizeof(TableHeader) % 8 == 0 && sizeof(TensorEntry) % 8 == 0 && sizeof(GroupEntry) % 8 == 0,
+static_assert(sizeof(TableHeader) % 8 == 0 && sizeof(StepArgs) % 8 == 0 && sizeof(TensorEntry) % 8 == 0 && sizeof(GroupEntry) % 8 == 0,
               "table records must be whole int64 words");
+
+// Where the group entries lie in the table (in words), so that a hyperparameter change uploads only them.
+constexpr int64_t group_words_offset(int64_t num_tensors) {
+  return int64_t(sizeof(TableHeader) / 8) + num_tensors * int64_t(sizeof(TensorEntry) / 8);
+}
+constexpr int64_t group_words(int64_t num_groups) { return num_groups * int64_t(sizeof(GroupEntry) / 8); }
 
 constexpr int64_t table_words(int64_t num_tensors, int64_t num_groups) {
   return int64_t(sizeof(TableHeader) / 8) + num_tensors * int64_t(sizeof(TensorEntry) / 8) +
@@ -134,22 +156,24 @@ struct TableView {
 
 // Whether the update runs, and the factor every grad is multiplied by: GradScaler's unscaling times the
 // clipping factor of torch.nn.utils.clip_grad_norm_ (max_norm / (norm + 1e-6), at most 1), where the norm
-// is that of the unscaled grads. `grad_stats` (kGradStats values) is read after every launch of the step
-// has reduced its grads.
+// is that of the unscaled grads. `grad_stats` (kGradStats values) covers every launch of the step.
+// As in torch, a NaN norm (a NaN grad, clipping without a scaler) gives a NaN factor: min(1, NaN) is NaN
+// there (clamp propagates NaN), so every grad, hence every param it updates, becomes NaN. With a scaler the
+// step is skipped instead.
 struct GradAdjustment {
   bool skip;
   double factor;
 };
 
-C10_HOST_DEVICE inline GradAdjustment grad_adjustment(const TableHeader& header, const double* grad_stats) {
+C10_HOST_DEVICE inline GradAdjustment grad_adjustment(const StepArgs& args, const double* grad_stats) {
   GradAdjustment result{false, 1.0};
-  if (header.skip_if != nullptr && *header.skip_if != 0.0f) result.skip = true;
-  if (header.grad_scale != nullptr) result.factor = 1.0 / double(*header.grad_scale);
-  if (header.found_inf != nullptr && grad_stats[1] != 0.0) result.skip = true;
-  if (header.max_grad_norm > 0.0) {
+  if (args.skip_if != nullptr && *args.skip_if != 0.0f) result.skip = true;
+  if (args.grad_scale != nullptr) result.factor = 1.0 / double(*args.grad_scale);
+  if (args.found_inf != nullptr && grad_stats[1] != 0.0) result.skip = true;
+  if (args.max_grad_norm > 0.0) {
     const double norm = sqrt_of(grad_stats[0]) * result.factor;
-    const double clip = header.max_grad_norm / (norm + 1e-6);
-    if (clip < 1.0) result.factor *= clip;
+    const double clip = args.max_grad_norm / (norm + 1e-6);
+    if (!(clip >= 1.0)) result.factor *= clip;  // written so that a NaN clip propagates, as torch's clamp does
   }
   return result;
 }

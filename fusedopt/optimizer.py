@@ -69,8 +69,9 @@ class _Launch:
     def allocate_tables(self):
         words = _ops.table_words(len(self.params), len(self.group_indices))
         on_cpu = self.device.type == "cpu"
-        # Pinned for CUDA: a step captured in a CUDA graph uploads a changed table straight from it.
-        self.host_table = torch.zeros(words, dtype=torch.int64, pin_memory=not on_cpu)
+        # Plain host memory: eager steps upload through a pinned staging copy, a captured step through a pinned
+        # snapshot its graph owns, so no copy ever reads this table after the op returns.
+        self.host_table = torch.zeros(words, dtype=torch.int64)
         self.device_table = torch.zeros(0 if on_cpu else words, dtype=torch.int64, device=self.device)
 
 
@@ -327,6 +328,48 @@ class FusedOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             return [(_ops.op(self._op_name), self._op_arguments(launch)) for launch in self._current_plan().launches]
 
+    def _calls(self, plan, scaling):
+        """(launch, phases) in the order this step runs them. Without a scaler's in-step check and without
+        clipping, every launch just updates. Otherwise every launch of a device reduces its grads before any
+        updates: in one launch (reduce, grid barrier, update) where the device has one, else reduce in each,
+        then update in each. Clipping over several devices reduces on all of them first and gives every device
+        the global sums (_share_grad_stats), so that each clips by the global norm, as clip_grad_norm_ does."""
+        by_device = plan.launches_by_device
+        needs_stats = {device: scaling[device][2] is not None or bool(self.max_grad_norm) for device in by_device}
+        if self.max_grad_norm and len(by_device) > 1:
+            for launches in by_device.values():
+                yield from ((launch, REDUCE_GRADS) for launch in launches)
+            self._share_grad_stats(list(by_device))
+            for launches in by_device.values():
+                yield from self._updates(launches)
+            return
+        for device, launches in by_device.items():
+            if not needs_stats[device]:
+                yield from ((launch, UPDATE) for launch in launches)
+            elif len(launches) == 1:
+                yield launches[0], REDUCE_GRADS | UPDATE | RESET_STATS
+            else:
+                yield from ((launch, REDUCE_GRADS) for launch in launches)
+                yield from self._updates(launches)
+
+    @staticmethod
+    def _updates(launches):
+        """Update in every launch; the device's last one also zeroes grad_stats for the next step."""
+        yield from ((launch, UPDATE) for launch in launches[:-1])
+        yield launches[-1], UPDATE | RESET_STATS
+
+    def _share_grad_stats(self, devices):
+        """Every device's grad_stats becomes the sum over all devices, added in device order (deterministic).
+        Between GPUs without a host sync: cross-device copies are ordered after both devices' current streams.
+        A copy to or from the CPU is blocking, so the CPU never reads a sum before it has arrived."""
+        stats = [self._grad_stats[device] for device in devices]
+        non_blocking = all(device.type == "cuda" for device in devices)
+        total = stats[0].clone()
+        for other in stats[1:]:
+            total += other.to(devices[0], non_blocking=non_blocking)
+        for tensor in stats:
+            tensor.copy_(total, non_blocking=non_blocking)
+
     def step(self, closure=None, grad_scaler=None):
         if not _ops.EXTENSION_AVAILABLE:
             return self._unfused_step(closure, grad_scaler)
@@ -340,21 +383,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 schedule._reinstall_lr_views()
             plan = self._current_plan()
             scaling = self._scaling(plan, grad_scaler)
-            for device, launches in plan.launches_by_device.items():
-                grad_scale, skip_if, found_inf = scaling[device]
-                if found_inf is None and not self.max_grad_norm:
-                    calls = [(launch, UPDATE) for launch in launches]
-                elif len(launches) == 1:  # reduce, grid barrier, update: one launch
-                    calls = [(launches[0], REDUCE_GRADS | UPDATE | RESET_STATS)]
-                else:  # every launch reduces before any updates
-                    calls = [(launch, REDUCE_GRADS) for launch in launches] + \
-                            [(launch, UPDATE) for launch in launches[:-1]] + [(launches[-1], UPDATE | RESET_STATS)]
-                for launch, phases in calls:
-                    hyper, lrs = self._group_arguments(launch)
-                    launch.cached.run({
-                        "hyper": hyper, "lrs": lrs, "grad_scale": grad_scale, "skip_if": skip_if,
-                        "found_inf": found_inf, "max_grad_norm": float(self.max_grad_norm or 0.0), "phases": phases,
-                    })
+            for launch, phases in self._calls(plan, scaling):
+                grad_scale, skip_if, found_inf = scaling[launch.device]
+                hyper, lrs = self._group_arguments(launch)
+                launch.cached.run({
+                    "hyper": hyper, "lrs": lrs, "grad_scale": grad_scale, "skip_if": skip_if,
+                    "found_inf": found_inf, "max_grad_norm": float(self.max_grad_norm or 0.0), "phases": phases,
+                })
             for launch in plan.launches:
                 if not self._uses_step and any(launch.fresh_state):
                     launch.fresh_state = [0] * len(launch.params)  # torch's buffers exist from now on
