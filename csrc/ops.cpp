@@ -1,9 +1,5 @@
-// Op schemas, the host-side preparation every launch shares (validation, dense layouts, the table cache), and
-// the CPU kernel: one parallel region over the same (tensor, chunk) work items the CUDA grid walks.
-#include <ATen/Parallel.h>
-
-#include <c10/util/bit_cast.h>
-
+// Op schemas and the host-side preparation every launch shares (validation, dense layouts, the table cache).
+// The CPU runner is csrc/cpu_step.cpp, the CUDA one csrc/cuda_step.cuh.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -320,138 +316,6 @@ void finish_step(PreparedStep& prepared) {
 
 namespace {
 
-// Storage <-> math conversions for the CPU loop. c10's bfloat16 rounding branches on NaN, which stops the
-// loop from vectorizing; the same round-to-nearest-even written as one select does not.
-template <typename T, typename scalar_t>
-inline T to_math(scalar_t v) {
-  return T(v);
-}
-template <>
-inline float to_math<float, c10::BFloat16>(c10::BFloat16 v) {
-  return c10::bit_cast<float>(uint32_t(v.x) << 16);
-}
-template <typename scalar_t, typename T>
-inline scalar_t to_storage(T v) {
-  return scalar_t(v);
-}
-template <>
-inline c10::BFloat16 to_storage<c10::BFloat16, float>(float v) {
-  const uint32_t bits = c10::bit_cast<uint32_t>(v);
-  const uint16_t rounded = uint16_t((bits + ((bits >> 16) & 1u) + 0x7FFFu) >> 16);
-  return c10::BFloat16(v != v ? uint16_t(0x7FC0) : rounded, c10::BFloat16::from_bits());
-}
-
-// Applies `rule` to elements [begin, end) of one tensor. Written as a plain loop over restrict pointers with
-// compile-time state count, so the compiler vectorizes it.
-template <typename scalar_t, typename Rule>
-void update_range(const TensorEntry& e, const Rule& rule, typename Rule::opmath_t grad_factor, int64_t begin,
-                  int64_t end) {
-  using T = typename Rule::opmath_t;
-  constexpr int kStates = Rule::kNumStates;
-  scalar_t* __restrict__ param = static_cast<scalar_t*>(e.param);
-  const scalar_t* __restrict__ grad = static_cast<const scalar_t*>(e.grad);
-  scalar_t* __restrict__ s0 = static_cast<scalar_t*>(e.state[0]);
-  scalar_t* __restrict__ s1 = static_cast<scalar_t*>(e.state[1]);
-  scalar_t* __restrict__ s2 = static_cast<scalar_t*>(e.state[2]);
-  for (int64_t i = begin; i < end; ++i) {
-    T p = to_math<T>(param[i]);
-    T s[kStates > 0 ? kStates : 1];
-    if constexpr (kStates > 0) s[0] = to_math<T>(s0[i]);
-    if constexpr (kStates > 1) s[1] = to_math<T>(s1[i]);
-    if constexpr (kStates > 2) s[2] = to_math<T>(s2[i]);
-    rule(p, to_math<T>(grad[i]) * grad_factor, s);
-    param[i] = to_storage<scalar_t>(p);
-    if constexpr (kStates > 0) s0[i] = to_storage<scalar_t>(s[0]);
-    if constexpr (kStates > 1) s1[i] = to_storage<scalar_t>(s[1]);
-    if constexpr (kStates > 2) s2[i] = to_storage<scalar_t>(s[2]);
-  }
-}
-
-// Sum of squares (in double) and non-finite flag of grad elements [begin, end).
-template <typename scalar_t>
-void reduce_range(const TensorEntry& e, int64_t begin, int64_t end, double& sum_sq, bool& nonfinite) {
-  using T = at::opmath_type<scalar_t>;
-  const scalar_t* __restrict__ grad = static_cast<const scalar_t*>(e.grad);
-  double sum = 0.0;
-  bool bad = false;
-  for (int64_t i = begin; i < end; ++i) {
-    const T g = to_math<T>(grad[i]);
-    bad |= is_nonfinite(g);
-    sum += double(g) * double(g);
-  }
-  sum_sq = sum;
-  nonfinite = bad;
-}
-
-void advance_group_schedule(const ScheduleArgs& schedule, int64_t g) {
-  advance_schedule(schedule.program + g * schedule.program_stride, schedule.state + g * schedule.state_stride,
-                   schedule.lrs + g, schedule.momenta ? schedule.momenta + g : nullptr, nullptr);
-}
-
-// Below this many elements a single thread is faster than waking the pool.
-constexpr int64_t kSerialBelow = 1 << 16;
-
-struct CpuRunner {
-  template <typename scalar_t, typename Rule>
-  static void run(PreparedStep& prepared) {
-    using T = typename Rule::opmath_t;
-    const TableView table = prepared.host;
-    const TableHeader& header = table.header();
-    const StepArgs& args = prepared.args;
-    const int64_t num_chunks = header.num_chunks;
-    // body(entry, start, stop, chunk) for every chunk, in parallel where it pays off.
-    auto for_each_chunk = [&](auto&& body) {
-      auto work = [&](int64_t begin, int64_t end) {
-        if (begin >= end) return;
-        int64_t t = table.tensor_of_chunk(begin);
-        for (int64_t chunk = begin; chunk < end; ++chunk) {
-          while (table.first_chunk()[t + 1] <= chunk) ++t;
-          const TensorEntry& entry = table.tensors()[t];
-          const int64_t start = (chunk - table.first_chunk()[t]) * kChunkSize;
-          body(entry, start, std::min(start + kChunkSize, entry.numel), chunk);
-        }
-      };
-      if (header.total_numel < kSerialBelow) {
-        work(0, num_chunks);
-      } else {
-        at::parallel_for(0, num_chunks, 1, work);
-      }
-    };
-
-    if (args.phases & kReduceGrads) {
-      // Per-chunk partial sums added in chunk order: the result does not depend on the thread count.
-      std::vector<double> sums(num_chunks);
-      std::vector<char> nonfinite(num_chunks);
-      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk) {
-        bool bad = false;
-        reduce_range<scalar_t>(entry, start, stop, sums[chunk], bad);
-        nonfinite[chunk] = bad;
-      });
-      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-        args.grad_stats[0] += sums[chunk];
-        if (nonfinite[chunk]) args.grad_stats[1] += 1.0;
-      }
-    }
-    if (!(args.phases & kUpdate)) return;
-
-    const double no_stats[kGradStats] = {0.0, 0.0};
-    const GradAdjustment adjust = grad_adjustment(args, args.grad_stats ? args.grad_stats : no_stats);
-    if (!adjust.skip) {
-      const T grad_factor = T(adjust.factor);
-      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t) {
-        update_range<scalar_t>(entry, table.rule_for<Rule>(entry), grad_factor, start, stop);
-      });
-      // Only after every chunk has read its step number and lr.
-      for (int64_t t = 0; t < header.num_tensors; ++t) {
-        if (float* step = table.tensors()[t].step) *step += 1.0f;
-      }
-      for (int64_t g = 0; g < args.schedule.groups; ++g) advance_group_schedule(args.schedule, g);
-    }
-    if (args.found_inf != nullptr) *args.found_inf = adjust.skip ? 1.0f : 0.0f;
-    if (args.phases & kResetStats) std::fill_n(args.grad_stats, kGradStats, 0.0);
-  }
-};
-
 int64_t table_words_op(int64_t num_tensors, int64_t num_groups) { return table_words(num_tensors, num_groups); }
 
 }  // namespace
@@ -497,8 +361,6 @@ TORCH_LIBRARY(fusedopt, m) {
       "Tensor(f!) host_table, Tensor(g!) device_table, bool momentum, bool centered, bool maximize"
       FUSEDOPT_SCHEMA_TAIL);
 }
-
-TORCH_LIBRARY_IMPL(fusedopt, CPU, m) { register_impls<CpuRunner>(m); }
 
 // The step ops run outside autograd, as torch's fused optimizer kernels do (optimizers step under no_grad).
 // Without an Autograd kernel every call would go through torch's autograd fallback, which visits each of the

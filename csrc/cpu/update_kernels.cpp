@@ -1,0 +1,145 @@
+// The CPU update kernels, explicitly vectorized with at::vec::Vectorized (the abstraction of torch's own fused
+// CPU kernels). setup.py compiles this file once per instruction set, each time with CPU_CAPABILITY set to the
+// variant's name (DEFAULT, AVX2, AVX512), the matching CPU_CAPABILITY_<name> macro and compiler flags, exactly as
+// ATen builds its kernels; csrc/cpu_step.cpp picks the variant at run time.
+//
+// Everything this file defines lives in the inline namespace fusedopt::cpu::<CPU_CAPABILITY>, and the only
+// functions it instantiates take at::vec::<CPU_CAPABILITY>::Vectorized arguments or are defined in that
+// namespace, so no inline function compiled here with AVX-512 flags can stand in, at link time, for the baseline
+// copy of the same function (setup.py's comment says how that is checked). Keep the includes minimal: no
+// at::Tensor, no ATen operators.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+#include "cpu_kernels.h"
+
+#if !defined(CPU_CAPABILITY)
+#error "compile this file through setup.py, which sets CPU_CAPABILITY per variant"
+#endif
+
+namespace fusedopt::cpu {
+inline namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr Variant kThisVariant = kAvx512;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr Variant kThisVariant = kAvx2;
+#else
+constexpr Variant kThisVariant = kDefault;
+#endif
+
+// How elements of a storage dtype become the vectors a rule computes on. fp32 and fp64: one register of the
+// same type. bf16 and fp16: one register of storage, converted in registers to two fp32 vectors and back with
+// round-to-nearest-even (torch's convert_to_float / convert_from_float).
+template <typename scalar_t, typename = void>
+struct Lanes {
+  using Math = Vectorized<scalar_t>;
+  static constexpr int kParts = 1;
+  static constexpr int64_t kWidth = Math::size();
+  template <bool kFull>
+  static void load(const scalar_t* from, int64_t count, Math (&out)[kParts]) {
+    out[0] = kFull ? Math::loadu(from) : Math::loadu(from, count);
+  }
+  template <bool kFull>
+  static void store(scalar_t* to, int64_t count, const Math (&in)[kParts]) {
+    if constexpr (kFull) {
+      in[0].store(to);
+    } else {
+      in[0].store(to, count);
+    }
+  }
+};
+
+template <typename scalar_t>
+struct Lanes<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<scalar_t>>> {
+  using Math = Vectorized<float>;
+  using Stored = Vectorized<scalar_t>;
+  static constexpr int kParts = 2;
+  static constexpr int64_t kWidth = Stored::size();
+  static_assert(kWidth == kParts * Math::size(), "a reduced-precision register holds two fp32 registers");
+  template <bool kFull>
+  static void load(const scalar_t* from, int64_t count, Math (&out)[kParts]) {
+    const Stored v = kFull ? Stored::loadu(from) : Stored::loadu(from, count);
+    std::tie(out[0], out[1]) = at::vec::convert_to_float<scalar_t>(v);
+  }
+  template <bool kFull>
+  static void store(scalar_t* to, int64_t count, const Math (&in)[kParts]) {
+    const Stored v = at::vec::convert_from_float<scalar_t>(in[0], in[1]);
+    if constexpr (kFull) {
+      v.store(to);
+    } else {
+      v.store(to, count);
+    }
+  }
+};
+
+// The kernel: whole registers, then one partial register (masked load and store) for the tail, so the rule is
+// only ever evaluated on vectors and the scalar instantiations stay the baseline's.
+template <typename scalar_t, typename Rule>
+void update_range(const TensorEntry& entry, const Rule& rule, typename Rule::opmath_t grad_factor, int64_t begin,
+                  int64_t end) {
+  using L = Lanes<scalar_t>;
+  using Math = typename L::Math;
+  constexpr int kStates = Rule::kNumStates;
+  constexpr int kParts = L::kParts;
+  scalar_t* const param = static_cast<scalar_t*>(entry.param);
+  const scalar_t* const grad = static_cast<const scalar_t*>(entry.grad);
+  scalar_t* state[kStates > 0 ? kStates : 1];
+  for (int k = 0; k < kStates; ++k) state[k] = static_cast<scalar_t*>(entry.state[k]);
+  const Math factor(grad_factor);
+
+  auto apply = [&](int64_t i, int64_t count, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    Math p[kParts], g[kParts], s[kStates > 0 ? kStates : 1][kParts];
+    L::template load<kFull>(param + i, count, p);
+    L::template load<kFull>(grad + i, count, g);
+    for (int k = 0; k < kStates; ++k) L::template load<kFull>(state[k] + i, count, s[k]);
+    for (int part = 0; part < kParts; ++part) {
+      Math st[kStates > 0 ? kStates : 1];
+      for (int k = 0; k < kStates; ++k) st[k] = s[k][part];
+      rule(p[part], g[part] * factor, st);
+      for (int k = 0; k < kStates; ++k) s[k][part] = st[k];
+    }
+    L::template store<kFull>(param + i, count, p);
+    for (int k = 0; k < kStates; ++k) L::template store<kFull>(state[k] + i, count, s[k]);
+  };
+  int64_t i = begin;
+  for (; i + L::kWidth <= end; i += L::kWidth) apply(i, L::kWidth, std::true_type{});
+  if (i < end) apply(i, end - i, std::false_type{});
+}
+
+template <typename scalar_t, typename Rule>
+void register_one() {
+  UpdateKernels<scalar_t, Rule>::by_variant[kThisVariant] = &update_range<scalar_t, Rule>;
+}
+
+// Every combination of a rule template's flags, for every storage dtype.
+template <template <typename, bool...> class Rule, int kFlags, bool... kChosen>
+void register_flag_combinations() {
+  if constexpr (sizeof...(kChosen) == kFlags) {
+    register_one<float, Rule<float, kChosen...>>();
+    register_one<double, Rule<double, kChosen...>>();
+    register_one<c10::BFloat16, Rule<float, kChosen...>>();
+    register_one<c10::Half, Rule<float, kChosen...>>();
+  } else {
+    register_flag_combinations<Rule, kFlags, kChosen..., false>();
+    register_flag_combinations<Rule, kFlags, kChosen..., true>();
+  }
+}
+
+template <template <typename, bool...> class Rule, int kFlags>
+void register_family(RuleFamily<Rule, kFlags>) {
+  register_flag_combinations<Rule, kFlags>();
+}
+
+// Called by csrc/cpu_step.cpp, only on a CPU with this variant's instruction set.
+void register_update_kernels() {
+  for_each_rule_family([](auto family) { register_family(family); });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fusedopt::cpu

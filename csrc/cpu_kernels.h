@@ -1,0 +1,30 @@
+// The interface between the CPU runner (csrc/cpu_step.cpp, compiled once, for the baseline CPU) and the CPU
+// update kernels (csrc/cpu/update_kernels.cpp, compiled once per instruction set by setup.py). Both sides
+// include this header, so it holds no at::Tensor and nothing that would be compiled with AVX-512 flags in one
+// object and shared with another: only a table of function pointers, which is data.
+#pragma once
+
+#include <cstdint>
+
+#include "step_table.h"
+
+namespace fusedopt::cpu {
+
+// The kernel variants, named as ATEN_CPU_CAPABILITY names torch's own (and in the same order as
+// at::CPUCapability on x86).
+enum Variant : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2, kNumVariants = 3 };
+inline constexpr const char* kVariantNames[kNumVariants] = {"default", "avx2", "avx512"};
+
+// Applies `rule` to elements [begin, end) of one tensor, each grad multiplied by grad_factor first.
+template <typename scalar_t, typename Rule>
+using UpdateFn = void (*)(const TensorEntry& entry, const Rule& rule, typename Rule::opmath_t grad_factor,
+                          int64_t begin, int64_t end);
+
+// One slot per variant for every (storage dtype, rule) pair. A variant's register_update_kernels() fills its
+// slots; the runner calls it only on a CPU that has the variant's instruction set.
+template <typename scalar_t, typename Rule>
+struct UpdateKernels {
+  static inline UpdateFn<scalar_t, Rule> by_variant[kNumVariants] = {};
+};
+
+}  // namespace fusedopt::cpu

@@ -1,0 +1,142 @@
+"""The CPU kernel variants (csrc/cpu/update_kernels.cpp, compiled once per instruction set) and their dispatch.
+
+Every variant evaluates the same rule on Vectorized registers of a different width, the build turns FMA
+contraction off (-ffp-contract=off) and sqrt, division and the bf16/fp16 conversions round to nearest even in
+every instruction set, so each variant must match the baseline ("default") one bit for bit, params and every
+state buffer, over many steps, on tensors whose sizes leave partial registers and span several chunks.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedopt
+from conftest import PSpec, Problem, bits, run
+from registry import option_params
+
+pytestmark = pytest.mark.skipif(not fusedopt.EXTENSION_AVAILABLE, reason="fusedopt extension not built")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VECTOR_VARIANTS = ("avx2", "avx512")
+STEPS = int(os.environ.get("FUSEDOPT_DISPATCH_STEPS", "12"))
+# Sizes around every register width (8/16 fp32, 4/8 fp64, 16/32 bf16 lanes), a scalar, a 2-D transposed param
+# (a dense copy) and one tensor over two 16,384-element chunks whose second chunk ends in a partial register.
+SPECS = (
+    PSpec((16384 * 2 + 37,)),
+    PSpec((1,)),
+    PSpec(()),
+    PSpec((7,)),
+    PSpec((33,)),
+    PSpec((65,), group=1),
+    PSpec((300, 31), layout="transposed", group=1),
+    PSpec((12, 5), group=2, grad="odd_none"),
+)
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def ops():
+    return torch.ops.fusedopt
+
+
+def available():
+    return list(ops()._cpu_variants())
+
+
+@pytest.fixture
+def restore_variant():
+    yield
+    ops()._set_cpu_variant("")
+
+
+def run_with_variant(variant, entry, opt_id, dtype):
+    ops()._set_cpu_variant(variant)
+    problem = Problem(SPECS, "cpu", seed=3)
+    return run(entry.fused_cls, problem, dtype, entry.option_sets[opt_id], entry.group_overrides, steps=STEPS)
+
+
+def assert_identical_runs(opt, params, ref_opt, ref_params, variant):
+    for i, (p, q) in enumerate(zip(params, ref_params)):
+        assert torch.equal(bits(p), bits(q)), f"{variant}: param {i} differs from the default variant"
+        state, ref_state = opt.state.get(p, {}), ref_opt.state.get(q, {})
+        assert set(state) == set(ref_state), f"{variant}: param {i}: state keys differ"
+        for key, value in ref_state.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(bits(state[key]), bits(value)), f"{variant}: param {i}: state[{key!r}] differs"
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("entry, opt_id", option_params(representative_only=True))
+def test_variants_match_default_bit_for_bit(entry, opt_id, dtype_id, restore_variant):
+    variants = [v for v in VECTOR_VARIANTS if v in available()]
+    if not variants:
+        pytest.skip(f"this CPU has no AVX2 or AVX-512 (available: {', '.join(available())})")
+    dtype = DTYPES[dtype_id]
+    ref_opt, ref_params = run_with_variant("default", entry, opt_id, dtype)
+    init = Problem(SPECS, "cpu", seed=3).params(dtype)
+    assert any(not torch.equal(p, q) for p, q in zip(ref_params, init)), "the run did not move the params"
+    for variant in variants:
+        opt, params = run_with_variant(variant, entry, opt_id, dtype)
+        assert_identical_runs(opt, params, ref_opt, ref_params, variant)
+
+
+def test_default_variant_is_the_best_torch_would_use():
+    names = available()
+    assert names[0] == "default"
+    torch_choice = torch.backends.cpu.get_cpu_capability().lower()  # "default", "avx2", "avx512" on x86
+    order = ["default", "avx2", "avx512"]
+    allowed = order[: order.index(torch_choice) + 1] if torch_choice in order else ["default"]
+    assert ops()._cpu_variant() == [v for v in names if v in allowed][-1]
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_aten_cpu_capability_selects_the_variant(capability):
+    """ATEN_CPU_CAPABILITY, which caps torch's own kernels, caps fusedopt's too (checked in a fresh process)."""
+    if capability not in available():
+        pytest.skip(f"this CPU has no {capability}")
+    code = "import torch, fusedopt; print(torch.ops.fusedopt._cpu_variant())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == capability
+
+
+def test_bad_variant_names(restore_variant):
+    with pytest.raises(RuntimeError, match="unknown CPU kernel variant 'sse9'"):
+        ops()._set_cpu_variant("sse9")
+    for name in VECTOR_VARIANTS:
+        if name not in available():
+            with pytest.raises(RuntimeError, match=f"the {name} CPU kernels are not available here"):
+                ops()._set_cpu_variant(name)
+    ops()._set_cpu_variant("default")
+    assert ops()._cpu_variant() == "default"
+
+
+def _objects():
+    return sorted(glob.glob(os.path.join(ROOT, "build", "temp*", "update_kernels_*.o")))
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) not installed")
+@pytest.mark.parametrize("variant", VECTOR_VARIANTS)
+def test_variant_objects_define_nothing_outside_their_namespace(variant):
+    """The linker keeps one copy of each weak (inline, template) symbol. A non-local function defined in the
+    AVX2/AVX-512 object could therefore replace the baseline's and run on a CPU without those instructions:
+    every global or weak symbol such an object defines must live in its capability's namespace, except the
+    kernel table (data, shared on purpose)."""
+    objects = [o for o in _objects() if o.endswith(f"_{variant}.o")]
+    if not objects:
+        pytest.skip("no build/temp*/update_kernels_*.o here (built out of tree, e.g. by pip)")
+    listing = subprocess.run(["nm", "-C", "--defined-only", objects[0]], capture_output=True, text=True,
+                             check=True).stdout
+    namespace = f"::{variant.upper()}::"
+    foreign = []
+    for line in listing.splitlines():
+        _, kind, name = line.split(" ", 2)
+        if kind.islower() and kind not in "uvw":  # file-local: cannot stand in for another object's symbol
+            continue
+        if namespace in name or name.endswith("::by_variant"):
+            continue
+        foreign.append(f"{kind} {name}")
+    assert not foreign, f"{objects[0]} defines symbols outside {namespace}: {foreign[:10]}"
