@@ -1,22 +1,34 @@
 """Optimizer step time: fusedopt vs torch.optim's for-loop, foreach and fused implementations.
 
-    python -m benchmarks.bench_step                 # all optimizers, default workloads, fp32
-    python -m benchmarks.bench_step --quick         # about a minute on 2 CPU cores
-    python -m benchmarks.bench_step --optimizers adam sgd_momentum --workloads small --dtypes fp32 bf16
+    python -m benchmarks.bench_step                 # all optimizers, default workloads and modes, fp32
+    python -m benchmarks.bench_step --quick         # 88 cases, 6 steps each: see the duration below
+    python -m benchmarks.bench_step --optimizers adam sgd_momentum --workloads small host --dtypes fp32 bf16
+    python -m benchmarks.bench_step --workloads host --modes stable new-grads varying-lr realistic
 
-Method: the gradients are set once and every step reuses them, so only the optimizer is timed. All
-implementations of one optimizer step the same parameter tensors (each keeps its own state), run round-robin
-one step at a time in a rotating order, so clock or thermal drift hits them all alike; we report medians.
-CPU samples are time.perf_counter around one step; CUDA samples are CUDA events around one step, after a
-synchronize, so launch overhead counts but earlier queued work does not. Bandwidth is the algorithm's minimum
-traffic (table in benchmarks/common.py) over the step time, given as a percentage of an in-place
-`a.add_(b)` over the same number of elements, timed in the same round-robin (a step streams more arrays at
-once than add_, so on some machines it can exceed 100%).
+Workloads: transformer (24.6M params, 148 tensors), small (2,000 x 1,024), groups (the transformer in 4 param
+groups with lr multipliers and weight-decay splits), host (2,000 tensors of 4 elements: the kernel work is nil,
+so the step's time is the host's cost, timed on the host clock and reported per tensor) and large (~1.3B
+params, scaled to the free memory; CUDA only by default).
 
-Defaults: CUDA 50 timed steps after 10 warm-up, workloads transformer (24.6M params, 148 tensors), small
-(2,000 x 1,024), groups (the transformer in 4 param groups) and large (~1.3B params, scaled to the free memory);
-CPU 10 after 2, large skipped. --quick: 5 (CPU) or 20 (CUDA) steps and a d=192 transformer (7.0M params).
-Measured on 2 CPU cores: the defaults take ~1.5 min, --quick ~30 s.
+Modes (what changes between two steps; the change is made outside the timer): stable (the grads are set once
+and every step reuses them, the lr is constant: the most favourable case for a cached launch table), new-grads
+(new grad tensors before every step, as backward after zero_grad(set_to_none=True) leaves them), varying-lr (a
+new float lr every step, as a per-iteration LambdaLR sets it), realistic (both).
+
+Method: all implementations of one optimizer step the same parameter tensors (each keeps its own state), run
+round-robin one step at a time in a rotating order, so clock or thermal drift hits them all alike; we report
+medians. CPU samples are time.perf_counter around one step; CUDA samples are CUDA events around one step, after
+a synchronize, so launch overhead counts but earlier queued work does not (the host workload: perf_counter after
+a synchronize, on CUDA too). Bandwidth is the algorithm's minimum traffic (table in benchmarks/common.py) over
+the step time, given as a percentage of an in-place `a.add_(b)` over the same number of elements, timed in the
+same round-robin (a step streams more arrays at once than add_, so on some machines it can exceed 100%).
+"–" in the table: torch has no such implementation (e.g. fused=True for Adadelta); the JSON says why.
+
+Defaults: CPU 10 timed steps after 2 warm-up, CUDA 50 after 10. --quick: 5 (CPU) or 20 (CUDA) steps and a
+d=192 transformer (7.0M params). Duration, measured on 2 cores of an AMD EPYC (torch 2.14, fp32, default
+workloads and modes) that other jobs shared: --quick 52 s at load average 1.1, 280 s at load average 2-4.5
+and 1,118 s at load average 9-11 (torch's OpenMP kernels suffer most from competing processes). The default
+run: 139 s at load average 1.0. Every run prints its own duration at the end.
 """
 from __future__ import annotations
 
@@ -36,8 +48,11 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import (ADD_ARRAYS, IMPLS, OPTIMIZERS, RESULTS_DIR, TORCH_IMPLS, OptSpec, default_device,
-                               make_optimizer, probe, result_stem, run_metadata, state_arrays, synchronize,
-                               traffic_arrays)
+                               load_warning, make_optimizer, probe, result_stem, run_metadata, state_arrays,
+                               synchronize, traffic_arrays)
+
+# Wall time of a whole run (measured, see the docstring): stated once, here, for the docstring and --help
+QUICK_DURATION = "about a minute on 2 idle cores (measured: 52 s), several times longer when other jobs share them"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,6 +84,10 @@ def transformer_tensors(layers: int, d: int, vocab: int, ctx: int) -> list[tuple
 # per-group hyper-parameter lookup is part of what is timed. role: (lr multiplier, weight_decay)
 GROUPS = {"emb": (0.5, 0.0), "attn": (1.0, 0.01), "mlp": (2.0, 0.01), "vec": (1.0, 0.0)}
 
+HOST_TENSORS, HOST_TENSOR_NUMEL = 2000, 4  # the "host" workload: many tiny tensors (norms, biases, adapters)
+WORKLOADS = ["transformer", "small", "groups", "host", "large"]
+DEFAULT_WORKLOADS = ["transformer", "small", "groups", "host"]  # + large on CUDA
+
 LARGE_SHAPE = dict(layers=24, d=2048, vocab=50304, ctx=2048)  # ~1.3B parameters, GPT-2-XL-sized
 
 
@@ -99,6 +118,10 @@ def build_workloads(names, device, quick, specs, itemsize) -> tuple[list[Workloa
             out.append(Workload(name, transformer_tensors(**tf_shape), grouped=True, note="4 param groups"))
         elif name == "small":
             out.append(Workload(name, [("vec", (1024,))] * 2000, note="2000 x 1024"))
+        elif name == "host":
+            # the kernel work is nil: what is left is the host's cost per tensor (timed on the host clock)
+            out.append(Workload(name, [("vec", (HOST_TENSOR_NUMEL,))] * HOST_TENSORS,
+                                note=f"{HOST_TENSORS} x {HOST_TENSOR_NUMEL}, host clock"))
         elif name == "large":
             per_layer = 12 * LARGE_SHAPE["d"] ** 2 + 13 * LARGE_SHAPE["d"]
             fixed = (LARGE_SHAPE["vocab"] + LARGE_SHAPE["ctx"]) * LARGE_SHAPE["d"]
@@ -130,6 +153,43 @@ def make_params(workload: Workload, device, dtype, seed=0):
     return params
 
 
+# ------------------------------------------------------------------------------------------------- modes
+# What changes between steps. "stable" is the most favourable case for a cached launch table (same grads, same
+# lr); a real loop gets new grad tensors from every backward (zero_grad(set_to_none=True)) and, with a per-
+# iteration scheduler, a new float lr every step. The changes are made before each timed step, outside the timer.
+MODES = {
+    "stable": dict(new_grads=False, varying_lr=False),
+    "new-grads": dict(new_grads=True, varying_lr=False),
+    "varying-lr": dict(new_grads=False, varying_lr=True),
+    "realistic": dict(new_grads=True, varying_lr=True),
+}
+DEFAULT_MODES = ["stable", "realistic"]
+
+
+def lr_factor(step: int) -> float:
+    """A different float lr every step (as a per-iteration LambdaLR gives), within [0.5, 1.5] of the base."""
+    return 1.0 + 0.5 * math.sin(0.7 * step)
+
+
+def make_prepare(mode: str, params, base_grads, optimizer):
+    """The between-steps change of `mode` for one implementation's optimizer, or None when nothing changes."""
+    new_grads, varying_lr = MODES[mode]["new_grads"], MODES[mode]["varying_lr"]
+    if not (new_grads or varying_lr):
+        return None
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    counter = iter(range(1 << 62))
+
+    def prepare():
+        step = next(counter)
+        if new_grads:  # fresh tensors, new storage: as backward after zero_grad(set_to_none=True) leaves them
+            for p, g in zip(params, base_grads):
+                p.grad = g.clone()
+        if varying_lr:
+            for group, lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = lr * lr_factor(step)
+    return prepare
+
+
 def param_groups(workload: Workload, params, spec: OptSpec):
     if not workload.grouped:
         return params
@@ -141,18 +201,31 @@ def param_groups(workload: Workload, params, spec: OptSpec):
 
 
 # ------------------------------------------------------------------------------------------------- timing
-def time_round_robin(fns: dict, reps: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each function, calls interleaved one at a time in a rotating order."""
+def time_round_robin(fns: dict, reps: int, warmup: int, device: torch.device, prepare: dict | None = None,
+                     host_clock: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each function, calls interleaved one at a time in a rotating order.
+
+    prepare[name], when given, runs untimed before every call of fns[name]. host_clock: time the call on the
+    host (perf_counter) even on CUDA, after a synchronize, so that the sample is the host's cost of the call."""
+    prepare = prepare or {}
     names = list(fns)
+
+    def call(name):
+        if prepare.get(name):
+            prepare[name]()
+        fns[name]()
+
     for _ in range(warmup):
         for name in names:
-            fns[name]()
+            call(name)
     synchronize(device)
     raw = {name: [] for name in names}
     for rep in range(reps):
         k = rep % len(names)  # rotate so that no implementation always runs right after the same one
         for name in names[k:] + names[:k]:
-            if device.type == "cuda":
+            if prepare.get(name):
+                prepare[name]()
+            if device.type == "cuda" and not host_clock:
                 # an empty queue first: the sample covers this step's launches and kernels, nothing queued earlier
                 torch.cuda.synchronize(device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -161,63 +234,78 @@ def time_round_robin(fns: dict, reps: int, warmup: int, device: torch.device) ->
                 end.record()
                 raw[name].append((start, end))
             else:
+                synchronize(device)
                 t0 = time.perf_counter()
                 fns[name]()
                 raw[name].append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return {n: [s.elapsed_time(e) / 1e3 for s, e in pairs] for n, pairs in raw.items()}
-    return raw
+    synchronize(device)
+    return {n: [s.elapsed_time(e) / 1e3 for s, e in v] if v and isinstance(v[0], tuple) else v
+            for n, v in raw.items()}
 
 
-def bench_case(workload, params, dtype_name, device, spec_name, reps, warmup, add_ref):
-    """Time every supported implementation of one optimizer on one workload; one record per implementation."""
+def bench_case(workload, params, base_grads, dtype_name, device, spec_name, mode, reps, warmup, add_ref):
+    """Time every supported implementation of one optimizer on one workload in one mode; a record per impl."""
     spec, dtype = OPTIMIZERS[spec_name], DTYPES[dtype_name]
     why_not = {impl: probe(spec, impl, device, dtype) for impl in IMPLS}  # None where supported
+    for p, g in zip(params, base_grads):
+        p.grad = g
     opts = {impl: make_optimizer(spec, impl, param_groups(workload, params, spec))
             for impl, why in why_not.items() if why is None}
-    samples = time_round_robin({**{i: o.step for i, o in opts.items()}, "add_": add_ref}, reps, warmup, device)
+    prepare = {impl: make_prepare(mode, params, base_grads, o) for impl, o in opts.items()}
+    host_clock = workload.name == "host"
+    samples = time_round_robin({**{i: o.step for i, o in opts.items()}, "add_": add_ref}, reps, warmup, device,
+                               prepare, host_clock)
     finite = all(bool(torch.isfinite(p).all()) for p in params)
     del opts
+    for p, g in zip(params, base_grads):
+        p.grad = g
     add_gbps = ADD_ARRAYS * dtype.itemsize * workload.numel / statistics.median(samples.pop("add_")) / 1e9
     bytes_per_elem = traffic_arrays(spec) * dtype.itemsize
     fused_median = statistics.median(samples["fusedopt"]) if "fusedopt" in samples else None
     records = []
     for impl, why in why_not.items():
-        rec = dict(workload=workload.name, dtype=dtype_name, optimizer=spec_name, impl=impl,
-                   numel=workload.numel, n_tensors=len(workload.tensors), bytes_per_elem=bytes_per_elem)
+        rec = dict(workload=workload.name, dtype=dtype_name, mode=mode, optimizer=spec_name, impl=impl,
+                   numel=workload.numel, n_tensors=len(workload.tensors), bytes_per_elem=bytes_per_elem,
+                   clock="host" if host_clock or device.type != "cuda" else "cuda events")
         if why is not None:
             records.append({**rec, "skipped": why})
             continue
         median = statistics.median(samples[impl])
         gbps = bytes_per_elem * workload.numel / median / 1e9
         records.append({**rec, "median_s": median, "samples_s": samples[impl], "gbps": gbps,
+                        "us_per_tensor": 1e6 * median / len(workload.tensors),
                         "pct_of_add": 100 * gbps / add_gbps, "add_gbps": add_gbps, "params_finite": finite,
                         "fusedopt_speedup": fused_median and median / fused_median})
     return records
 
 
 # ------------------------------------------------------------------------------------------------ reports
-def print_table(records, file=sys.stdout):
-    header = (f"{'workload':<12} {'dtype':<5} {'optimizer':<16} {'impl':<9} {'median ms':>10} "
-              f"{'fusedopt x':>10} {'GB/s':>8} {'% add_':>7}")
+def print_table(records, file=None):
+    file = file or sys.stdout  # looked up per call: a redirected stdout (capsys, contextlib) is honoured
+    header = (f"{'workload':<12} {'dtype':<5} {'mode':<10} {'optimizer':<16} {'impl':<9} {'median ms':>10} "
+              f"{'fusedopt x':>10} {'GB/s':>8} {'% add_':>7} {'us/tensor':>9}")
     print(header, file=file)
     print("-" * len(header), file=file)
     previous = None
     for r in records:
-        key = (r["workload"], r["dtype"], r["optimizer"])
-        lead = f"{r['workload']:<12} {r['dtype']:<5} {r['optimizer']:<16}" if key != previous else " " * 35
-        if previous and key[:2] != previous[:2]:
+        key = (r["workload"], r["dtype"], r["mode"], r["optimizer"])
+        lead = (f"{r['workload']:<12} {r['dtype']:<5} {r['mode']:<10} {r['optimizer']:<16}" if key != previous
+                else " " * 46)
+        if previous and key[:3] != previous[:3]:
             print(file=file)
         previous = key
-        if "skipped" in r:
-            print(f"{lead} {r['impl']:<9} {'not supported':>10}  ({r['skipped'].split(':')[0]})", file=file)
+        if "skipped" in r:  # torch has no such implementation here (the reason is in the JSON record)
+            print(f"{lead} {r['impl']:<9} {'–':>10}", file=file)
             continue
         speedup = "" if r["impl"] == "fusedopt" or r["fusedopt_speedup"] is None else f"{r['fusedopt_speedup']:.2f}x"
         flag = "" if r["params_finite"] else "  NON-FINITE PARAMS"
         print(f"{lead} {r['impl']:<9} {1e3 * r['median_s']:>10.3f} {speedup:>10} {r['gbps']:>8.1f} "
-              f"{r['pct_of_add']:>6.0f}%{flag}", file=file)
-    print("\nfusedopt x = torch implementation's median step time / fusedopt's (above 1: fusedopt is faster).",
+              f"{r['pct_of_add']:>6.0f}% {r['us_per_tensor']:>9.3f}{flag}", file=file)
+    print("\nfusedopt x = torch implementation's median step time / fusedopt's (above 1: fusedopt is faster); "
+          "– = torch has no such implementation (reason in the JSON record).", file=file)
+    print("mode: stable = same grads and lr every step; new-grads = new grad tensors before every step; "
+          "varying-lr = a new float lr every step; realistic = both.", file=file)
+    print("host workload: timed on the host clock (the kernel work is nil); us/tensor = median / tensors.",
           file=file)
     per_elem = dict.fromkeys(f"{r['optimizer']} {r['dtype']} {r['bytes_per_elem']}" for r in records)
     print("GB/s counts the minimum traffic per element (benchmarks/common.py), in bytes: " + ", ".join(per_elem)
@@ -230,11 +318,12 @@ def plot_speedups(records, path: Path, title: str):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    panels = list(dict.fromkeys((r["workload"], r["dtype"]) for r in records))
+    panels = list(dict.fromkeys((r["workload"], r["dtype"], r["mode"]) for r in records))
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels) + 0.6), squeeze=False)
     width = 0.8 / len(TORCH_IMPLS)
-    for ax, (wl, dt) in zip(axes[:, 0], panels):
-        rows = [r for r in records if (r["workload"], r["dtype"]) == (wl, dt) and r.get("fusedopt_speedup")]
+    for ax, (wl, dt, mode) in zip(axes[:, 0], panels):
+        rows = [r for r in records if (r["workload"], r["dtype"], r["mode"]) == (wl, dt, mode)
+                and r.get("fusedopt_speedup")]
         opts = list(dict.fromkeys(r["optimizer"] for r in rows))
         all_ys = [1.0]
         for j, impl in enumerate(TORCH_IMPLS):
@@ -256,7 +345,7 @@ def plot_speedups(records, path: Path, title: str):
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.set_xticks(range(len(opts)), opts, fontsize=8)
         ax.set_ylabel("fusedopt speed-up")
-        ax.set_title(f"{wl} ({dt})", fontsize=10)
+        ax.set_title(f"{wl} ({dt}, {mode})", fontsize=10)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", ncol=len(TORCH_IMPLS), fontsize=8)
     fig.suptitle(title, fontsize=10, x=0.02, ha="left")
@@ -267,17 +356,28 @@ def plot_speedups(records, path: Path, title: str):
 
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
-    ap.add_argument("--workloads", nargs="+", default=None, choices=["transformer", "small", "groups", "large"],
-                    help="default: transformer small groups, plus large on CUDA")
-    ap.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES))
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--reps", type=int, default=None, help="timed steps per implementation (CPU 10, CUDA 50)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (CPU 2, CUDA 10)")
-    ap.add_argument("--quick", action="store_true", help="smaller transformer and fewer reps (~1 min on 2 cores)")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON record and PNG chart")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                 formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110))
+    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS), metavar="NAME",
+                    help="optimizer configurations (benchmarks/common.py), any of: %(choices)s (default: all)")
+    ap.add_argument("--workloads", nargs="+", default=None, choices=WORKLOADS, metavar="NAME",
+                    help="parameter sets, any of: %(choices)s (default: " + " ".join(DEFAULT_WORKLOADS)
+                         + ", plus large on CUDA)")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES), metavar="DTYPE",
+                    help="param (and state) dtypes, any of: %(choices)s (default: fp32)")
+    ap.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES), metavar="MODE",
+                    help="what changes between steps, any of: %(choices)s (default: " + " ".join(DEFAULT_MODES)
+                         + "); realistic = new grad tensors and a new float lr every step")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed steps per implementation (default: CPU 10, CUDA 50; --quick: CPU 5, CUDA 20)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed steps of each implementation first (default: CPU 2, CUDA 10; --quick: CPU 1, "
+                         "CUDA 5)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a d=192 transformer (7.0M params) and fewer reps: {QUICK_DURATION} (default: off)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR,
+                    help="folder for the JSON record and PNG chart (default: benchmarks/results)")
     return ap.parse_args(argv)
 
 
@@ -287,18 +387,19 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     reps = args.reps or ((20 if on_gpu else 5) if args.quick else (50 if on_gpu else 10))
     warmup = args.warmup if args.warmup is not None else ((5 if on_gpu else 1) if args.quick else (10 if on_gpu else 2))
-    names = args.workloads or (["transformer", "small", "groups"] + (["large"] if on_gpu else []))
+    names = args.workloads or (DEFAULT_WORKLOADS + (["large"] if on_gpu else []))
     specs = [OPTIMIZERS[o] for o in args.optimizers]
+    started = time.perf_counter()
 
     meta = run_metadata(device)
-    print(f"device: {meta['device_name']} ({device}) | torch {meta['torch']} | threads {meta['torch_threads']} | "
+    print(f"device: {meta['device_name']} ({device}; CPU ISA {meta['cpu_isa']}, torch CPU capability "
+          f"{meta['torch_cpu_capability']}) | torch {meta['torch']} | threads {meta['torch_threads']} | "
           f"fusedopt {meta.get('fusedopt_version')} commit {meta['fusedopt_commit']}")
     if not meta.get("fusedopt_extension_available"):
         print("WARNING: fusedopt's compiled extension is not loaded: 'fusedopt' rows time its fallback path.")
     print(f"reps {reps}, warm-up {warmup}; median of interleaved single-step samples")
-    if device.type == "cpu" and (meta["load_average_1m_at_start"] or 0) > 0.5 * (os.cpu_count() or 1):
-        print(f"WARNING: load average {meta['load_average_1m_at_start']:.1f} on {os.cpu_count()} cores: other "
-              "processes are competing for the CPU and will distort these timings.")
+    if load_warning(meta, device):
+        print(load_warning(meta, device))
 
     plan, skipped = [], []
     for dtype_name in args.dtypes:
@@ -310,23 +411,27 @@ def main(argv=None):
         print("note:", message)
 
     records = []
-    bar = tqdm(total=len(plan) * len(specs), desc="bench_step", unit="case", dynamic_ncols=True)
+    bar = tqdm(total=len(plan) * len(specs) * len(args.modes), desc="bench_step", unit="case", dynamic_ncols=True)
     for wl, dtype_name in plan:
         dtype = DTYPES[dtype_name]
         params = make_params(wl, device, dtype)
+        base_grads = [p.grad for p in params]
         a = torch.randn(wl.numel, device=device, dtype=dtype)
         b = torch.randn(wl.numel, device=device, dtype=dtype).mul_(1e-6)  # tiny: a stays finite over many adds
-        for name in args.optimizers:
-            bar.set_postfix_str(f"{wl.name} {dtype_name} {name}")
-            records += bench_case(wl, params, dtype_name, device, name, reps, warmup, functools.partial(a.add_, b))
-            gc.collect()
-            if on_gpu:
-                torch.cuda.empty_cache()  # each case's optimizer state is dropped before the next allocates
-            bar.update()
-        del params, a, b
+        for mode in args.modes:
+            for name in args.optimizers:
+                bar.set_postfix_str(f"{wl.name} {dtype_name} {mode} {name}")
+                records += bench_case(wl, params, base_grads, dtype_name, device, name, mode, reps, warmup,
+                                      functools.partial(a.add_, b))
+                gc.collect()
+                if on_gpu:
+                    torch.cuda.empty_cache()  # each case's optimizer state is dropped before the next allocates
+                bar.update()
+        del params, base_grads, a, b
     bar.close()
 
     meta["load_average_1m_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    meta["duration_s"] = time.perf_counter() - started
     print()
     print_table(records)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -340,7 +445,7 @@ def main(argv=None):
     json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
     json_path.write_text(json.dumps(record, indent=1))
     plot_speedups(records, png_path, f"fusedopt step speed-up on {meta['device_name']} ({meta['date'][:10]})")
-    print(f"\nwrote {json_path}\nwrote {png_path}")
+    print(f"\nwrote {json_path}\nwrote {png_path}\ntook {meta['duration_s']:.0f} s")
     return records
 
 

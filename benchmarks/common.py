@@ -128,11 +128,27 @@ def synchronize(device: torch.device) -> None:
 
 
 def device_kind(device: torch.device) -> str:
-    """Short tag for file names: 'cpu' or 'cuda-<gpu model>'."""
-    if device.type != "cuda":
+    """Short tag for file names: 'cpu-<cpu model>' or 'cuda-<gpu model>', so results name their machine."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).replace("NVIDIA", "")
+    elif device.type == "cpu":
+        name = re.sub(r"\((R|TM)\)|CPU|Processor|\d+-Core", "", cpu_model())
+    else:
         return device.type
-    name = torch.cuda.get_device_name(device).replace("NVIDIA", "")
-    return "cuda-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    return device.type + "-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()[:40]
+
+
+def cpu_isa() -> str:
+    """The widest x86 vector extension the CPU reports (what vectorized CPU kernels can use on this machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return platform.machine()
+    for isa in ("avx512_bf16", "avx512f", "avx2", "avx", "sse4_2"):
+        if isa in flags:
+            return isa
+    return platform.machine()
 
 
 def cpu_model() -> str:
@@ -168,6 +184,9 @@ def run_metadata(device: torch.device) -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cpu_model": cpu_model(),
+        "cpu_isa": cpu_isa(),
+        # the instruction set torch's own CPU kernels dispatch to (ATen's at::get_cpu_capability())
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # other processes competing for the cores distort CPU timings badly (OpenMP barriers), so record it
@@ -182,6 +201,15 @@ def run_metadata(device: torch.device) -> dict:
     except ImportError as exc:
         meta["fusedopt_import_error"] = str(exc)
     return meta
+
+
+def load_warning(meta: dict, device: torch.device) -> str | None:
+    """A warning when other processes compete for the CPU (they distort CPU timings badly: OpenMP barriers)."""
+    load, cores = meta.get("load_average_1m_at_start"), os.cpu_count() or 1
+    if device.type == "cpu" and load is not None and load > 0.5 * cores:
+        return (f"WARNING: load average {load:.1f} on {cores} cores: other processes are competing for the CPU "
+                "and will distort these timings.")
+    return None
 
 
 def result_stem(prefix: str, device: torch.device) -> str:

@@ -240,21 +240,31 @@ def plot_schedules(results: dict, path: Path):
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("experiment", choices=["optimizers", "schedules"])
+    ap.add_argument("experiment", choices=["optimizers", "schedules"],
+                    help="optimizers: every seed optimizer's test accuracy; schedules: the seed LR schedules")
     ap.add_argument("--data-root", default=None,
-                    help="MNIST root as torchvision expects it; default ./data, downloaded if missing. "
+                    help="MNIST root as torchvision expects it (default: ./data, downloaded if missing). "
                          "An explicit root is read offline unless --download is given")
-    ap.add_argument("--download", action="store_true", help="let torchvision download into --data-root")
-    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--iterations", type=int, default=3000, help="optimizers: training iterations (seed: 3000)")
-    ap.add_argument("--optimizers", nargs="+", default=list(SEED_OPTIMIZERS), choices=list(SEED_OPTIMIZERS))
-    ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
-    ap.add_argument("--epochs", type=int, default=None, help="schedules: epochs (seed: 5 StepLR, 10 plateau)")
-    ap.add_argument("--iters-per-epoch", type=int, default=None, help="schedules: shorten epochs (full: 600)")
-    ap.add_argument("--scheduler-backend", choices=list(SCHEDULER_BACKENDS), default="torch")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON record and PNG")
-    ap.add_argument("--strict", action="store_true", help="exit with status 1 when a result is flagged")
+    ap.add_argument("--download", action="store_true",
+                    help="let torchvision download into --data-root (default: off)")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--seed", type=int, default=0, help="model and data-order seed (default: %(default)s)")
+    ap.add_argument("--iterations", type=int, default=3000,
+                    help="optimizers: training iterations (default: %(default)s, as the seed)")
+    ap.add_argument("--optimizers", nargs="+", default=list(SEED_OPTIMIZERS), choices=list(SEED_OPTIMIZERS),
+                    metavar="NAME", help="optimizers: which ones, any of: %(choices)s (default: all)")
+    ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES), metavar="NAME",
+                    help="schedules: which ones, any of: %(choices)s (default: all)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="schedules: epochs (default: the seed's, 5 for StepLR, 10 for the plateau schedule)")
+    ap.add_argument("--iters-per-epoch", type=int, default=None,
+                    help="schedules: shorten epochs to this many iterations (default: full epochs, 600)")
+    ap.add_argument("--scheduler-backend", choices=list(SCHEDULER_BACKENDS), default="torch",
+                    help="schedules: whose schedulers drive fusedopt, any of: %(choices)s (default: %(default)s)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR,
+                    help="folder for the JSON record and PNG (default: benchmarks/results)")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit with status 1 when a result is flagged (default: off)")
     return ap.parse_args(argv)
 
 

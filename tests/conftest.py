@@ -386,3 +386,33 @@ def assert_state_identical(opt, snapshot):
             else:
                 assert w == v, f"state[{k!r}] changed: {v} -> {w}"
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Skip reporting: one line per reason with its count, instead of a bare "s" per skipped test
+# --------------------------------------------------------------------------------------------------
+def _skip_reason(report):
+    """The reason pytest recorded for a skipped test ("Skipped: " prefix dropped)."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+
+
+def pytest_report_teststatus(report, config):
+    # Without a GPU about half the suite skips: a progress line of "s" says nothing, the summary below says why.
+    if report.skipped and not hasattr(report, "wasxfail") and config.get_verbosity() < 1:
+        return "skipped", "", "SKIPPED"
+    return None
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if not hasattr(r, "wasxfail")]
+    if not skipped:
+        return
+    counts = {}
+    for report in skipped:
+        reason = _skip_reason(report)
+        counts[reason] = counts.get(reason, 0) + 1
+    terminalreporter.section(f"{len(skipped)} skipped, by reason")
+    for reason, n in sorted(counts.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{n:6d}  {reason}")
