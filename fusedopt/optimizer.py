@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import _ops
+from . import _distributed, _ops
 
 # StepPhase in csrc/step_table.h
 REDUCE_GRADS, UPDATE, RESET_STATS = 1, 2, 4
@@ -53,12 +53,12 @@ class _Launch:
         self.params.append(param)
         self.is_complex.append(param.is_complex())
         real = torch.view_as_real if param.is_complex() else (lambda t: t)
-        self.kernel_params.append(real(param))
+        self.kernel_params.append(real(_distributed.local(param)))
         if self.state_lists is None:
             self.state_lists = [[] for _ in states]
         for column, state in zip(self.state_lists, states):
             if state is not None:
-                column.append(real(state))
+                column.append(real(_distributed.local(state)))
         if step is not None:
             self.steps.append(step)
         self.fresh_state.append(int(fresh))
@@ -203,6 +203,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     )
                 if param.dtype not in supported:
                     raise RuntimeError(f"{name} does not support parameters of dtype {param.dtype}")
+        _distributed.check_params(name, self)
 
     def _build_plan(self):
         self._check_grads()
@@ -227,7 +228,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         state[k] = new[k]
                 step = self._step_tensor(state, param) if self._uses_step else None
                 real_dtype = torch.view_as_real(param).dtype if param.is_complex() else param.dtype
-                key = (param.device, real_dtype, options)
+                key = (param.device, real_dtype, options, *_distributed.launch_key(param))
                 if key not in launches:
                     launches[key] = _Launch(param.device, options)
                 launches[key].add(group_index, param, [state[k] if k else None for k in keys], step, fresh)
@@ -245,6 +246,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for launch in plan.launches:
             launch.allocate_tables()
             self._cache_call(launch)
+        plan.distributed = _distributed.plan_reduction(self, plan)
         return plan
 
     def _cache_call(self, launch):
@@ -272,7 +274,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return hyper, lrs
 
     def _op_arguments(self, launch, phases=UPDATE):
-        grads = [p.grad for p in launch.params]
+        grads = [_distributed.local(p.grad) for p in launch.params]
         if any(launch.is_complex):
             grads = [torch.view_as_real(g) if c else g for g, c in zip(grads, launch.is_complex)]
         per_tensor = list(launch.state_lists)
@@ -318,7 +320,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _current_plan(self):
         plan = getattr(self, "_plan", None)
-        if plan is None or not plan.still_valid(self):
+        if plan is None or not plan.still_valid(self) or not _distributed.still_valid(plan):
             plan = self._plan = self._build_plan()
         return plan
 
@@ -344,7 +346,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grad_scale, skip_if, found_inf = scaling[device]
                 if found_inf is None and not self.max_grad_norm:
                     calls = [(launch, UPDATE) for launch in launches]
-                elif len(launches) == 1:  # reduce, grid barrier, update: one launch
+                elif len(launches) == 1 and not _distributed.needs_separate_reduce(plan):  # reduce, barrier, update
                     calls = [(launches[0], REDUCE_GRADS | UPDATE | RESET_STATS)]
                 else:  # every launch reduces before any updates
                     calls = [(launch, REDUCE_GRADS) for launch in launches] + \
@@ -354,7 +356,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     launch.cached.run({
                         "hyper": hyper, "lrs": lrs, "grad_scale": grad_scale, "skip_if": skip_if,
                         "found_inf": found_inf, "max_grad_norm": float(self.max_grad_norm or 0.0), "phases": phases,
+                        "grad_stats": _distributed.grad_stats(plan, launch, phases, self._grad_stats[device],
+                                                              REDUCE_GRADS),
                     })
+                    if phases == REDUCE_GRADS and launch is launches[-1]:
+                        _distributed.all_reduce_grad_stats(plan, device, self._grad_stats[device])
             for launch in plan.launches:
                 if not self._uses_step and any(launch.fresh_state):
                     launch.fresh_state = [0] * len(launch.params)  # torch's buffers exist from now on
