@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.utils._pytree import tree_map_only
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import fusedopt
@@ -301,6 +302,12 @@ def _load(model, opt, state, options=None):
     set_optimizer_state_dict(model, opt, state["optim"], options=options)
 
 
+def _save_full_params(model, path, rank):
+    params = {name: full(p).clone() for name, p in model.named_parameters()}  # a collective: every rank
+    if rank == 0:
+        torch.save(params, path)
+
+
 def checkpoints(ctx):
     """DCP both ways mid-training (fusedopt -> torch.optim -> fusedopt), full state dicts, and a checkpoint for
     the 1-rank load in reshard_load()."""
@@ -315,8 +322,7 @@ def checkpoints(ctx):
         fused_opt.zero_grad()
     path = os.path.join(ctx.tmpdir, "fused_step2")
     dcp.save(_opt_dicts(fused, fused_opt), checkpoint_id=path)
-    if ctx.rank == 0:
-        torch.save({n: full(p).clone() for n, p in fused.named_parameters()}, path + ".params")
+    _save_full_params(fused, path + ".params", ctx.rank)
     # torch.optim loads fusedopt's checkpoint; both continue identically.
     loaded = fsdp_mlp(mesh, seed=1)
     loaded_opt = torch.optim.AdamW(loaded.parameters(), **kwargs)
@@ -324,10 +330,7 @@ def checkpoints(ctx):
     dcp.load(state, checkpoint_id=path)
     _load(loaded, loaded_opt, state)
     train_pair(found, "torch.optim from fusedopt", (fused, fused_opt), (loaded, loaded_opt), 2, ctx.rank, first=2)
-    if ctx.rank == 0:  # what the 1-rank load must reproduce (same batches, both ranks' rows in one)
-        torch.save({n: full(p).clone() for n, p in fused.named_parameters()}, path + ".after")
-    else:
-        [full(p) for p in fused.parameters()]
+    _save_full_params(fused, path + ".after", ctx.rank)  # what the 1-rank load must reproduce
     # fusedopt loads torch.optim's checkpoint.
     path = os.path.join(ctx.tmpdir, "torch_step4")
     dcp.save(_opt_dicts(loaded, loaded_opt), checkpoint_id=path)
@@ -340,10 +343,13 @@ def checkpoints(ctx):
     train_pair(found, "fusedopt from torch.optim", (back, back_opt), (loaded, loaded_opt), 2, ctx.rank, first=4)
     # Full (unsharded) state dicts, in memory.
     options = StateDictOptions(full_state_dict=True)
-    full_state = _opt_dicts(back, back_opt, options)
+    # cloned: a state dict shares its tensors (`step` too) with the optimizer that made it, as torch's does
+    full_state = tree_map_only(torch.Tensor, torch.clone, _opt_dicts(back, back_opt, options))
     again = fsdp_mlp(mesh, seed=3)
     again_opt = fusedopt.FusedAdamW(again.parameters(), **kwargs)
     _load(again, again_opt, full_state, options)
+    found.models("fusedopt from a full state dict, loaded", again, back)
+    found.states("fusedopt from a full state dict, loaded", again_opt, again, back_opt, back)
     train_pair(found, "fusedopt from a full state dict", (again, again_opt), (back, back_opt), 2, ctx.rank, first=6)
     return found
 
