@@ -8,11 +8,16 @@ its state (which stay DTensors with the param's mesh and placements, as torch.op
 The only cross-rank quantity is the gradient statistics [sum of squares, non-finite count] that clipping and
 GradScaler need. They are global as ``torch.nn.utils.clip_grad_norm_`` computes them on DTensor grads: summed
 over the mesh dimensions where a grad is sharded, counted once over those where it is replicated. A launch holds
-only params with the same replication count R (the product of the mesh sizes of their Replicate dimensions; a
-plain tensor counts as replicated on every rank), so each launch reduces its grads into its own row of a small
+only params with the same replication count R (how many ranks hold each element: see ``replicas``; a plain
+tensor counts as replicated on every rank), so each launch reduces its grads into its own row of a small
 per-device tensor; then, on the stream, the rows are weighted by 1/R, summed and all-reduced once over the ranks
-the params' meshes span, and the update launches read that total. No host sync: the statistics never leave the
-device, and the collective is ordered on the stream like any other op.
+the params' (root) meshes span, and the update launches read that total. No host sync: the statistics never
+leave the device, and the collective is ordered on the stream like any other op.
+
+A param on a slice of a larger mesh (FSDP over mesh["dp"] of a (dp, tp) mesh, for params tensor parallel leaves
+alone) counts as replicated over the root mesh's other dimensions, which is what FSDP + TP training makes it.
+Pipeline stages that share a root mesh but hold different params are not such replicas: give each stage its own
+optimizer without max_grad_norm and clip across stages outside it.
 """
 import math
 
@@ -34,13 +39,22 @@ def local(tensor):
     return tensor._local_tensor if is_dtensor(tensor) else tensor
 
 
+def _root(mesh):
+    """The mesh a mesh was sliced from (mesh["dp"] of a (dp, tp) mesh), or the mesh itself."""
+    get_root = getattr(mesh, "_get_root_mesh", None)
+    return get_root() if get_root is not None else mesh
+
+
 def replicas(param):
-    """How many ranks of the param's mesh hold each of its elements: the sizes of its Replicate dimensions
-    multiplied (1 for FSDP2's Shard(0), the replicate-group size for HSDP); None for a plain tensor."""
+    """How many ranks of the param's root mesh hold each of its elements: the sizes of its Replicate dimensions
+    multiplied (1 for FSDP2's Shard(0), the replicate-group size for HSDP), times the dimensions of the root mesh
+    its mesh is not a slice of (a param FSDP shards over mesh["dp"] of a (dp, tp) mesh is the same on every tp
+    rank); None for a plain tensor."""
     if not is_dtensor(param):
         return None
     mesh = param.device_mesh
-    return math.prod(mesh.size(d) for d, placement in enumerate(param.placements) if placement.is_replicate())
+    implicit = _root(mesh).size() // mesh.size()
+    return implicit * math.prod(mesh.size(d) for d, p in enumerate(param.placements) if p.is_replicate())
 
 
 def launch_key(param):
@@ -141,14 +155,16 @@ def _distinct(meshes):
 
 
 def _reduction_groups(meshes):
-    """The process groups whose successive all-reduces sum over every rank the meshes span, and how many ranks
-    that is: the default group when the meshes span it, else every dimension of a mesh that covers the others."""
+    """The process groups whose successive all-reduces sum over every rank the meshes' root meshes span, and how
+    many ranks that is: the default group when they span it, else every dimension of a root mesh that covers the
+    others."""
+    roots = _distinct([_root(mesh) for mesh in meshes])
     ranks = set()
-    for mesh in meshes:
+    for mesh in roots:
         ranks.update(mesh.mesh.flatten().tolist())
     if ranks == set(range(dist.get_world_size())):
         return [None], len(ranks)
-    for mesh in meshes:
+    for mesh in roots:
         if set(mesh.mesh.flatten().tolist()) >= ranks:
             return [mesh.get_group(d) for d in range(mesh.ndim)], len(ranks)
     raise RuntimeError(

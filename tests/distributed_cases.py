@@ -413,11 +413,12 @@ class TPNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.up, self.down = nn.Linear(8, 12), nn.Linear(12, 8)  # tensor parallel (+ FSDP over dp)
+        self.mid = nn.Linear(8, 8)  # FSDP over the dp slice only: the same on both tp ranks
         self.head = nn.Linear(8, 3)  # FSDP over a 1-D mesh of all 4 ranks: a second mesh
         self.tail = nn.Linear(3, 2)  # HSDP: replicated over dp, sharded over tp
 
     def forward(self, x):
-        return self.tail(torch.tanh(self.head(self.down(torch.relu(self.up(x))))))
+        return self.tail(torch.tanh(self.head(torch.tanh(self.mid(self.down(torch.relu(self.up(x))))))))
 
 
 def tp_net(mesh_2d, mesh_1d):
@@ -426,14 +427,15 @@ def tp_net(mesh_2d, mesh_1d):
     parallelize_module(model, mesh_2d["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
     fully_shard(model.up, mesh=mesh_2d["dp"])
     fully_shard(model.down, mesh=mesh_2d["dp"])
+    fully_shard(model.mid, mesh=mesh_2d["dp"])
     fully_shard(model.head, mesh=mesh_1d)
     fully_shard(model.tail, mesh=mesh_2d)
     return model
 
 
 def fsdp_tp_2d(ctx):
-    """FSDP2 + tensor parallel on a 2x2 mesh, HSDP and a second mesh in one FusedAdamW, clipped by the global
-    norm over both meshes, against torch.optim.AdamW with the same clipping."""
+    """FSDP2 + tensor parallel on a 2x2 mesh, FSDP on its dp slice, HSDP and a second mesh in one FusedAdamW,
+    clipped by the global norm over every mesh, against torch.optim.AdamW with the same clipping."""
     found = Mismatches()
     mesh_2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     mesh_1d = init_device_mesh("cpu", (ctx.world,), mesh_dim_names=("all",))
