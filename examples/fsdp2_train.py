@@ -3,13 +3,14 @@ schedule and torch.distributed.checkpoint.
 
     torchrun --nproc-per-node 2 examples/fsdp2_train.py                  # CPU (gloo) or one GPU per rank (nccl)
     torchrun --nproc-per-node 2 examples/fsdp2_train.py --tp 2           # FSDP x TP on a (dp, tp) mesh
-    torchrun --nproc-per-node 2 examples/fsdp2_train.py --resume         # continue from the last checkpoint
+    torchrun --nproc-per-node 2 examples/fsdp2_train.py --stop-after 30  # "preempted" after saving step 30
+    torchrun --nproc-per-node 2 examples/fsdp2_train.py --resume         # continues from the latest checkpoint
 
 Each block is sharded with ``fully_shard`` (after ``parallelize_module`` with ``--tp``), then the root. The
 optimizer is ``FusedAdamW`` over the DTensor params with global-norm clipping inside the step; the learning rate
 warms up linearly and then follows a cosine, advanced by the step itself on the device. Every ``--ckpt-every``
-steps the model and optimizer are saved with DCP (sharded: each rank writes its shards); ``--resume`` loads them,
-on any number of ranks.
+steps the model, optimizer and schedule are saved with DCP under ``--ckpt-dir``/step_N (sharded: each rank writes
+its shards); ``--resume`` loads the latest, on any number of ranks and any --tp.
 """
 import argparse
 import math
@@ -88,6 +89,13 @@ def batches(vocab, ctx, batch, dp_rank, device, seed=0):
         yield seq[:, :-1].to(device), seq[:, 1:].to(device)
 
 
+def latest_checkpoint(ckpt_dir):
+    steps = sorted(name for name in os.listdir(ckpt_dir) if name.startswith("step_"))
+    if not steps:
+        raise SystemExit(f"--resume: no step_N checkpoint in {ckpt_dir}")
+    return os.path.join(ckpt_dir, steps[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=60)
@@ -102,6 +110,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--ckpt-dir", default="/tmp/fusedopt_fsdp2_ckpt")
     ap.add_argument("--ckpt-every", type=int, default=30)
+    ap.add_argument("--stop-after", type=int, default=None, help="exit after this many steps (a preemption)")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
 
@@ -125,31 +134,35 @@ def main():
     if args.resume:
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
                  "sched": sched.state_dict(), "step": 0}
-        dcp.load(state, checkpoint_id=args.ckpt_dir)
+        path = latest_checkpoint(args.ckpt_dir)
+        dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, opt, state["optim"])
         sched.load_state_dict(state["sched"])
         first = state["step"]
         if rank == 0:
-            print(f"resumed from {args.ckpt_dir} at step {first}")
+            print(f"resumed from {path} at step {first}")
 
     data = batches(args.vocab, args.ctx, args.batch, mesh.get_local_rank("dp"), device, seed=first)
-    for step in range(first, args.steps):
+    loss = None
+    last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    for step in range(first, last):
         idx, target = next(data)
         loss = F.cross_entropy(model(idx).flatten(0, 1), target.flatten())
         loss.backward()
         opt.step()  # also advances the schedule, on the device
         opt.zero_grad()
-        if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
+        if rank == 0 and (step % 10 == 0 or step == last - 1):
             print(f"step {step:4d}  loss {loss.item():.4f}  lr {sched.get_last_lr()[0]:.2e}")
         if (step + 1) % args.ckpt_every == 0:
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
                      "sched": sched.state_dict(), "step": step + 1}
-            dcp.save(state, checkpoint_id=args.ckpt_dir)
+            path = os.path.join(args.ckpt_dir, f"step_{step + 1:06d}")
+            dcp.save(state, checkpoint_id=path)
             if rank == 0:
-                print(f"saved step {step + 1} to {args.ckpt_dir}")
-    if rank == 0:
-        print(f"final loss {loss.item():.4f} (uniform guess: {math.log(args.vocab):.4f})")
+                print(f"saved step {step + 1} to {path}")
+    if rank == 0 and loss is not None:
+        print(f"last loss {loss.item():.4f} (a uniform guess: {math.log(args.vocab):.4f})")
     dist.destroy_process_group()
 
 
