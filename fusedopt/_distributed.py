@@ -82,7 +82,8 @@ def _grad_matches(param, grad):
 
 def check_params(name, optimizer):
     """Raises for what the fused step cannot do with DTensor params: params on several devices (the global
-    gradient statistics are combined on one device per rank) and a grad laid out unlike its param."""
+    gradient statistics are combined on one device per rank), meshes no process group spans, and a grad laid out
+    unlike its param."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not any(is_dtensor(p) for p in params):
         return
@@ -91,6 +92,7 @@ def check_params(name, optimizer):
         raise RuntimeError(
             f"{name}: with DTensor params every param must be on one device per rank, but they are on {devices}; "
             "use one optimizer per device type")
+    _reduction_groups(_distinct([p.device_mesh for p in params if is_dtensor(p)]))  # raises when there is none
     for param in params:
         grad = param.grad
         if grad is not None and not _grad_matches(param, grad):
@@ -106,14 +108,11 @@ class Reduction:
     statistics combine across ranks."""
 
     def __init__(self, optimizer, plan):
-        self.views = []  # (DTensor param, the local tensor the plan's launch holds)
-        for launch in plan.launches:
-            for param, view in zip(launch.params, launch.kernel_params):
-                if is_dtensor(param):
-                    self.views.append((param, param._local_tensor))
-        self.meshes = _distinct([p.device_mesh for p, _ in self.views] or
-                                [p.device_mesh for g in optimizer.param_groups for p in g["params"] if is_dtensor(p)])
-        self.groups, ranks = _reduction_groups(self.meshes)
+        # (DTensor param, the local tensor the plan's launch holds)
+        self.views = [(p, p._local_tensor) for launch in plan.launches for p in launch.params if is_dtensor(p)]
+        # every DTensor param's mesh, with a grad or not, so that every rank finds the same groups
+        meshes = _distinct([p.device_mesh for g in optimizer.param_groups for p in g["params"] if is_dtensor(p)])
+        self.groups, ranks = _reduction_groups(meshes)
         self.rows = {}  # device -> float64 [launches, 2]: each launch's local statistics, zero between steps
         self.weights = {}  # device -> float64 [launches, 2]: (1/R, 1) per launch
         self.row_of = {}  # id(launch) -> its row

@@ -25,9 +25,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.utils._pytree import tree_map_only
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.utils._pytree import tree_map_only
 
 import fusedopt
 from conftest import ILL_CONDITIONED_FP32_TOLERANCE, TOLERANCES
@@ -178,14 +179,18 @@ def clip_with_schedule(ctx):
     return found
 
 
-def scaler_inf_on_rank1(ctx):
+def _scaler_case(make_scaler):
+    return lambda ctx: scaler_inf_on_rank1(ctx, make_scaler)
+
+
+def scaler_inf_on_rank1(ctx, make_scaler):
     """An inf grad on rank 1 only: the step is skipped on both ranks and both scalers back off, as torch's."""
     found = Mismatches()
     mesh = init_device_mesh("cpu", (ctx.world,))
     fused_model, torch_model = fsdp_mlp(mesh), fsdp_mlp(mesh)
     fused_opt = fusedopt.FusedAdam(fused_model.parameters(), lr=1e-2, max_grad_norm=1.0)
     torch_opt = torch.optim.Adam(torch_model.parameters(), lr=1e-2)
-    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    scalers = [make_scaler() for _ in range(2)]
     for step in range(4):
         before = [full(p).clone() for p in fused_model.parameters()]
         for model, opt, scaler in ((fused_model, fused_opt, scalers[0]), (torch_model, torch_opt, scalers[1])):
@@ -268,13 +273,16 @@ def bad_grads(ctx):
                 {id(p): {k: v.to_local().clone() if isinstance(v, DTensor) else v.clone()
                          for k, v in opt.state[p].items()} for p in params})
     weight = params[0]
-    weight.grad = distribute_tensor(weight.grad.full_tensor(), mesh, [Replicate()])
-    for what, action in (("placements", lambda: opt.step()),):
+    good_grad = weight.grad.full_tensor()
+    other_mesh = init_device_mesh("cpu", (ctx.world,), mesh_dim_names=("other",))
+    for what, grad, expected in (("placements", distribute_tensor(good_grad, mesh, [Replicate()]), "Replicate"),
+                                 ("mesh", distribute_tensor(good_grad, other_mesh, [Shard(0)]), "other")):
+        weight.grad = grad
         try:
-            action()
+            opt.step()
             found.append(f"{what}: no error")
         except RuntimeError as error:
-            found.true(f"{what}: unclear error {error}", "placements" in str(error) and "Replicate" in str(error))
+            found.true(f"{what}: unclear error {error}", "placements" in str(error) and expected in str(error))
     meta = nn.Parameter(torch.zeros(2, device="meta"))
     try:
         fusedopt.FusedAdam([*params, meta], lr=1e-2).step()
@@ -286,7 +294,7 @@ def bad_grads(ctx):
         for p in params for k, v in opt.state[p].items())
     found.true("a bad input changed params or state", unchanged)
     # Fixed grads: the same optimizer steps normally again.
-    weight.grad = distribute_tensor(weight.grad.full_tensor(), mesh, weight.placements)
+    weight.grad = distribute_tensor(good_grad, mesh, weight.placements)
     opt.step()
     found.true("no step after the fix", not torch.equal(params[0].to_local(), snapshot[0][0]))
     return found
@@ -471,7 +479,9 @@ def fsdp_tp_2d(ctx):
 CASES = {
     2: {**{f"fsdp2_{name}": _fsdp_class_case(name)
            for name in ("sgd", "adam", "adamw", "adagrad", "adadelta", "adamax", "rmsprop")},
-        "clip_with_schedule": clip_with_schedule, "scaler_inf_on_rank1": scaler_inf_on_rank1,
+        "clip_with_schedule": clip_with_schedule,
+        "grad_scaler_inf_on_rank1": _scaler_case(lambda: torch.amp.GradScaler("cpu", init_scale=1024.0)),
+        "sharded_grad_scaler_inf_on_rank1": _scaler_case(lambda: ShardedGradScaler("cpu", init_scale=1024.0)),
         "two_meshes_and_plain": two_meshes_and_plain, "bad_grads": bad_grads, "checkpoints": checkpoints,
         "ddp_and_zero": ddp_and_zero},
     4: {"fsdp_tp_2d": fsdp_tp_2d},
