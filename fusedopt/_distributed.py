@@ -71,13 +71,18 @@ def _describe(tensor):
     return f"a plain {type(tensor).__name__}"
 
 
+def _same_layout(grad_spec, param_spec):
+    """Whether a grad's DTensorSpec (None for a plain grad) has its param's mesh and placements. Identity first:
+    FSDP2 builds its grads with the param's own spec, and comparing meshes by value costs microseconds."""
+    return grad_spec is param_spec or (
+        grad_spec is not None and grad_spec.placements == param_spec.placements
+        and (grad_spec.mesh is param_spec.mesh or grad_spec.mesh == param_spec.mesh))
+
+
 def _grad_matches(param, grad):
-    if is_dtensor(param) != is_dtensor(grad):
-        return False
     if not is_dtensor(param):
-        return True
-    return grad._spec is param._spec or (
-        grad.placements == param.placements and grad.device_mesh == param.device_mesh)
+        return not is_dtensor(grad)
+    return _same_layout(grad._spec if is_dtensor(grad) else None, param._spec)
 
 
 def check_params(name, optimizer):
@@ -108,8 +113,9 @@ class Reduction:
     statistics combine across ranks."""
 
     def __init__(self, optimizer, plan):
-        # (DTensor param, the local tensor the plan's launch holds)
-        self.views = [(p, p._local_tensor) for launch in plan.launches for p in launch.params if is_dtensor(p)]
+        # (DTensor param, the local tensor the plan's launch holds, its spec)
+        self.views = [(p, p._local_tensor, p._spec) for launch in plan.launches for p in launch.params
+                      if is_dtensor(p)]
         # every DTensor param's mesh, with a grad or not, so that every rank finds the same groups
         meshes = _distinct([p.device_mesh for g in optimizer.param_groups for p in g["params"] if is_dtensor(p)])
         self.groups, ranks = _reduction_groups(meshes)
@@ -127,11 +133,11 @@ class Reduction:
     def still_valid(self):
         """False when FSDP2 (or anything else) replaced a param's local tensor, or a grad's layout is not its
         param's: the plan is rebuilt, which checks the grads again and raises."""
-        for param, view in self.views:
-            if param._local_tensor is not view:
+        for param, view, spec in self.views:  # runs every step: attribute reads and identity tests only
+            if param._local_tensor is not view or param._spec is not spec:
                 return False
             grad = param.grad
-            if grad is not None and not _grad_matches(param, grad):
+            if grad is not None and not _same_layout(getattr(grad, "_spec", None), spec):
                 return False
         return True
 
