@@ -3,6 +3,7 @@
 // step; a cached call only refreshes the grads (read from the params here) and the few arguments that change
 // between steps (hyperparameters, GradScaler tensors), then runs the same registered op through the dispatcher.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 
@@ -15,6 +16,16 @@
 
 namespace fusedopt {
 namespace {
+
+// What the kernel reads of a gradient: a DTensor's (FSDP2, tensor parallel) local shard, as the optimizer hands
+// the kernel its param's local shard (fusedopt/_distributed.py); any other gradient itself. A DTensor is a
+// Python tensor subclass, so the check on plain gradients is one dispatch-key test.
+at::Tensor kernel_grad(const at::Tensor& grad) {
+  if (!grad.key_set().has(c10::DispatchKey::Python)) return grad;
+  py::object wrapped = py::reinterpret_steal<py::object>(THPVariable_Wrap(grad));
+  if (!py::hasattr(wrapped, "_local_tensor")) return grad;
+  return THPVariable_Unpack(wrapped.attr("_local_tensor").ptr());
+}
 
 class CachedCall {
  public:
@@ -61,7 +72,8 @@ class CachedCall {
     for (const at::Tensor& param : grad_sources_) {
       const at::Tensor& grad = param.grad();
       TORCH_CHECK(grad.defined(), "fusedopt: a param of this step lost its gradient");
-      grads.push_back(grad.is_complex() ? at::view_as_real(grad) : grad);
+      const at::Tensor local = kernel_grad(grad);
+      grads.push_back(local.is_complex() ? at::view_as_real(local) : local);
     }
     const auto& arguments = op_.schema().arguments();
     for (const auto& [name, value] : updates) {

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import _lazy_state, _ops
+from . import _distributed, _lazy_state, _ops
 from ._plan_sources import PlanSources
 
 # StepPhase in csrc/step_table.h
@@ -55,12 +55,12 @@ class _Launch:
         self.params.append(param)
         self.is_complex.append(param.is_complex())
         real = torch.view_as_real if param.is_complex() else (lambda t: t)
-        self.kernel_params.append(real(param))
+        self.kernel_params.append(real(_distributed.local(param)))
         if self.state_lists is None:
             self.state_lists = [[] for _ in states]
         for column, state in zip(self.state_lists, states):
             if state is not None:
-                column.append(real(state))
+                column.append(real(_distributed.local(state)))
         if step is not None:
             self.steps.append(step)
         self.fresh_state.append(int(fresh))
@@ -213,6 +213,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     )
                 if param.dtype not in supported:
                     raise RuntimeError(f"{name} does not support parameters of dtype {param.dtype}")
+        _distributed.check_params(name, self)
 
     def _build_plan(self):
         self._check_grads()
@@ -226,7 +227,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             step = self._step_tensor(state, param) if self._uses_step else None
             states = [state[k] if k else None for k in row.keys]
             real_dtype = torch.view_as_real(param).dtype if param.is_complex() else param.dtype
-            key = (param.device, real_dtype, self._options(group))
+            key = (param.device, real_dtype, self._options(group), *_distributed.launch_key(param))
             if key not in launches:
                 launches[key] = _Launch(param.device, key[2])
             launches[key].add(row.group_index, param, states, step, row.fresh)
@@ -246,6 +247,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for launch in plan.launches:
             launch.allocate_tables()
             self._cache_call(launch)
+        plan.distributed = _distributed.plan_reduction(self, plan)
         return plan
 
     def _cache_call(self, launch):
@@ -273,7 +275,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return hyper, lrs
 
     def _op_arguments(self, launch, phases=UPDATE):
-        grads = [p.grad for p in launch.params]
+        grads = [_distributed.local(p.grad) for p in launch.params]
         if any(launch.is_complex):
             grads = [torch.view_as_real(g) if c else g for g, c in zip(grads, launch.is_complex)]
         per_tensor = list(launch.state_lists)
@@ -319,7 +321,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _current_plan(self):
         plan = getattr(self, "_plan", None)
-        if plan is None or not plan.still_valid(self):
+        if plan is None or not plan.still_valid(self) or not _distributed.still_valid(plan):
             plan = self._plan = self._build_plan()
         return plan
 
@@ -339,6 +341,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.max_grad_norm and len(by_device) > 1:
             for launches in by_device.values():
                 yield from ((launch, REDUCE_GRADS) for launch in launches)
+            for device in by_device:  # DTensor params: combine across ranks first (no-op without them)
+                _distributed.all_reduce_grad_stats(plan, device, self._grad_stats)
             self._share_grad_stats(list(by_device))
             for launches in by_device.values():
                 yield from self._updates(launches)
@@ -346,10 +350,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         for device, launches in by_device.items():
             if not needs_stats[device]:
                 yield from ((launch, UPDATE) for launch in launches)
-            elif len(launches) == 1:
+            elif len(launches) == 1 and not _distributed.needs_separate_reduce(plan):
                 yield launches[0], REDUCE_GRADS | UPDATE | RESET_STATS
-            else:
+            else:  # DTensor params: the all-reduce across ranks runs between the reduce and the update launches
                 yield from ((launch, REDUCE_GRADS) for launch in launches)
+                _distributed.all_reduce_grad_stats(plan, device, self._grad_stats)
                 yield from self._updates(launches)
 
     @staticmethod
@@ -389,6 +394,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 launch.cached.run({
                     "hyper": hyper, "lrs": lrs, "grad_scale": grad_scale, "skip_if": skip_if,
                     "found_inf": found_inf, "max_grad_norm": float(self.max_grad_norm or 0.0), "phases": phases,
+                    "grad_stats": _distributed.grad_stats(plan, launch, phases, self._grad_stats[launch.device],
+                                                          REDUCE_GRADS),
                 })
             for launch in plan.launches:
                 if not self._uses_step and any(launch.fresh_state):
