@@ -1,7 +1,7 @@
 """Builds fusedopt._C: CPU kernels always, CUDA kernels whenever nvcc and a CUDA-enabled torch are present.
 
 No GPU is needed to build. FUSEDOPT_CPU_ONLY=1 skips the CUDA kernels; TORCH_CUDA_ARCH_LIST picks the
-architectures (default: 8.0 and 9.0). The CPU update kernels are compiled once per instruction set (see
+architectures (default: 8.0 and 9.0, plus compute_90 PTX for newer GPUs). The CPU update kernels are compiled once per instruction set (see
 CPU_VARIANTS) and chosen at run time, so the build never depends on the build machine's CPU.
 """
 import glob
@@ -43,7 +43,8 @@ def real_cuda_home():
 cuda_home = None if os.environ.get("FUSEDOPT_CPU_ONLY", "0") == "1" else real_cuda_home()
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+# +PTX: GPUs newer than Hopper (Blackwell, 10.x/12.x) JIT-compile the compute_90 PTX instead of failing.
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
