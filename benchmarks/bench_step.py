@@ -32,7 +32,6 @@ run: 139 s at load average 1.0. Every run prints its own duration at the end.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 import json
@@ -47,6 +46,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks import common
 from benchmarks.common import (ADD_ARRAYS, IMPLS, OPTIMIZERS, RESULTS_DIR, TORCH_IMPLS, OptSpec, default_device,
                                load_warning, make_optimizer, probe, result_stem, run_metadata, state_arrays,
                                synchronize, traffic_arrays)
@@ -348,16 +348,12 @@ def plot_speedups(records, path: Path, title: str):
         ax.set_title(f"{wl} ({dt}, {mode})", fontsize=10)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", ncol=len(TORCH_IMPLS), fontsize=8)
-    fig.suptitle(title, fontsize=10, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, title, path)
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
-                                 formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110))
+    ap = common.argument_parser(__doc__)
     ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS), metavar="NAME",
                     help="optimizer configurations (benchmarks/common.py), any of: %(choices)s (default: all)")
     ap.add_argument("--workloads", nargs="+", default=None, choices=WORKLOADS, metavar="NAME",

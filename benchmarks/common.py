@@ -215,3 +215,21 @@ def load_warning(meta: dict, device: torch.device) -> str | None:
 def result_stem(prefix: str, device: torch.device) -> str:
     """'<prefix>_<device kind>_<date-time>': results of different machines and days never overwrite each other."""
     return f"{prefix}_{device_kind(device)}_{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def argument_parser(doc: str):
+    """A benchmark's parser: its docstring's first line as the description, the rest as the --help epilog."""
+    import argparse
+
+    return argparse.ArgumentParser(description=doc.split("\n")[0], epilog=doc.split("\n", 1)[1],
+                                   formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110))
+
+
+def save_figure(fig, title: str, path) -> None:
+    """Title, tight layout, PNG at 110 dpi, closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

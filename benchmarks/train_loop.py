@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from benchmarks import common
 from benchmarks.common import (OPTIMIZERS, RESULTS_DIR, default_device, load_warning, make_optimizer, probe,
                                result_stem, run_metadata, synchronize)
 
@@ -517,16 +518,12 @@ def plot(results: list[dict], path: Path, title: str):
         ax.set_xlim(0, max(values, default=1) * 1.3)
         ax.set_xlabel("steps/s (median over rounds)", fontsize=8)
         ax.set_title(f"[{res['scenario']}] {res['title']}", fontsize=8, loc="left")
-    fig.suptitle(title, fontsize=9, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, title, path)
 
 
 # ---------------------------------------------------------------------------------------------------- main
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
-                                 formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=110))
+    ap = common.argument_parser(__doc__)
     ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS),
                     help="training loops to run (default: all: %(default)s)")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

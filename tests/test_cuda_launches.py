@@ -50,6 +50,19 @@ SHAPES = [(3,), (70001,), (300, 301), (1,), (4096,), (17, 5)]
 MIXED = (torch.float32, torch.bfloat16)  # two launches on one device
 
 
+def _scaled_step(opt, scaler):
+    """opt.step(), through the GradScaler when there is one."""
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+
+
+def _scale_of(scaler):
+    return scaler.get_scale() if scaler else 1.0
+
+
 class _Fused:
     """fusedopt with in-step scaler and clipping; `static` grads (refilled in place) for graph capture."""
 
@@ -67,14 +80,10 @@ class _Fused:
             p.grad.copy_(g)
 
     def step(self):
-        if self.scaler is None:
-            self.opt.step()
-        else:
-            self.scaler.step(self.opt)
-            self.scaler.update()
+        _scaled_step(self.opt, self.scaler)
 
     def scale(self):
-        return self.scaler.get_scale() if self.scaler else 1.0
+        return _scale_of(self.scaler)
 
 
 class _Reference:
@@ -95,14 +104,10 @@ class _Reference:
             self.scaler.unscale_(self.opt)
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        if self.scaler is None:
-            self.opt.step()
-        else:
-            self.scaler.step(self.opt)
-            self.scaler.update()
+        _scaled_step(self.opt, self.scaler)
 
     def scale(self):
-        return self.scaler.get_scale() if self.scaler else 1.0
+        return _scale_of(self.scaler)
 
 
 def _capture(fused):
