@@ -581,6 +581,13 @@ def _ones_grad_pair(momentum=0.9, n=3):
             torch.optim.SGD([torch_p], lr=0.1, momentum=momentum), torch_p)
 
 
+def _step_both_with_ones(fused, fused_p, ref, torch_p):
+    """One optimizer step of each of the pair, with grads of ones."""
+    fused_p.grad, torch_p.grad = torch.ones_like(fused_p), torch.ones_like(torch_p)
+    fused.step()
+    ref.step()
+
+
 def _lr(opt):
     return float(opt.param_groups[0]["lr"])
 
@@ -614,9 +621,7 @@ def test_issue_reproducer_onecycle_then_plateau():
     s1, s2 = fused_sched.OneCycleLR(fused, max_lr=1.0, total_steps=10), fused_sched.ReduceLROnPlateau(fused)
     r1, r2 = torch_sched.OneCycleLR(ref, max_lr=1.0, total_steps=10), torch_sched.ReduceLROnPlateau(ref)
     for _ in range(4):
-        fused_p.grad, torch_p.grad = torch.ones_like(fused_p), torch.ones_like(torch_p)
-        fused.step()
-        ref.step()
+        _step_both_with_ones(fused, fused_p, ref, torch_p)
         s1.step()
         s2.step(1.0)
         r1.step()
@@ -638,9 +643,7 @@ def test_two_schedulers_compose_as_torch(modes):
     order = sorted([(ra, first_per_step), (rb, second_per_step)], key=lambda pair: not pair[1])
     fused_lrs, torch_lrs = [], []
     for _ in range(6):
-        fused_p.grad, torch_p.grad = torch.ones_like(fused_p), torch.ones_like(torch_p)
-        fused.step()
-        ref.step()
+        _step_both_with_ones(fused, fused_p, ref, torch_p)
         a.step()
         b.step()
         for sched, _ in order:
@@ -701,9 +704,7 @@ def test_cosine_float_t_max(T_max, per_step):
     sched = fused_sched.CosineAnnealingLR(fused, T_max=T_max, eta_min=0.01, per_step=per_step)
     ref_sched = torch_sched.CosineAnnealingLR(ref, T_max=T_max, eta_min=0.01)
     for step in range(25):
-        fused_p.grad, torch_p.grad = torch.ones_like(fused_p), torch.ones_like(torch_p)
-        fused.step()
-        ref.step()
+        _step_both_with_ones(fused, fused_p, ref, torch_p)
         sched.step()
         ref_sched.step()
         assert _lr(fused) == pytest.approx(_lr(ref), rel=1e-12, abs=1e-15), step
@@ -822,9 +823,7 @@ def test_onecycle_reads_bounds_a_later_constructor_wrote(second, composite, per_
             later = module.CyclicLR(opt, 0.01, 0.1, step_size_up=4, base_momentum=0.5, max_momentum=0.85, **extra)
         built.append((first, later))
     for step in range(25):
-        fused_p.grad, torch_p.grad = torch.ones_like(fused_p), torch.ones_like(torch_p)
-        fused.step()
-        ref.step()
+        _step_both_with_ones(fused, fused_p, ref, torch_p)
         for sched in built[0] + built[1]:
             sched.step()
         assert _lr(fused) == pytest.approx(_lr(ref), rel=1e-9), step
