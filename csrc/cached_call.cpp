@@ -7,11 +7,13 @@
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
 
+#include "algorithm_spec.h"
 #include "ops.h"
 
 #include <string>
 #include <vector>
 
+#include "grad_check.h"
 #include "plan_guard.h"
 
 namespace fusedopt {
@@ -29,17 +31,27 @@ at::Tensor kernel_grad(const at::Tensor& grad) {
 
 class CachedCall {
  public:
-  // `args` are the op's arguments in schema order; `grad_sources` the params whose .grad fills the op's
-  // `grads` argument (complex params through their real view, as the op receives the param itself).
-  CachedCall(const std::string& op_name, const py::tuple& args, std::vector<at::Tensor> grad_sources)
+  // `args` are the op's arguments by schema name (an argument with a default may be left out); `grad_sources`
+  // the params whose .grad fills the op's `grads` argument (complex params through their real view, as the op
+  // receives the param itself).
+  CachedCall(const std::string& op_name, const py::dict& args, std::vector<at::Tensor> grad_sources)
       : op_(c10::Dispatcher::singleton().findSchemaOrThrow(("fusedopt::" + op_name).c_str(), "")),
         grad_sources_(std::move(grad_sources)) {
     const auto& arguments = op_.schema().arguments();
-    TORCH_CHECK(args.size() == arguments.size(), "fusedopt.CachedCall: ", op_name, " takes ", arguments.size(),
-                " arguments, got ", args.size());
-    for (size_t i = 0; i < arguments.size(); ++i) {
-      stack_.push_back(torch::jit::toIValue(args[i], arguments[i].real_type()));
+    size_t used = 0;
+    for (const auto& argument : arguments) {
+      const py::str name(argument.name());
+      if (args.contains(name)) {
+        stack_.push_back(torch::jit::toIValue(args[name], argument.real_type()));
+        ++used;
+      } else {
+        TORCH_CHECK(argument.default_value().has_value(), "fusedopt.CachedCall: ", op_name, " needs argument ",
+                    argument.name());
+        stack_.push_back(*argument.default_value());
+      }
     }
+    TORCH_CHECK(used == args.size(), "fusedopt.CachedCall: ", op_name, " got an argument its schema lacks: ",
+                py::str(args.attr("keys")()).cast<std::string>());
     grads_index_ = argument_index("grads");
     TORCH_CHECK(stack_[grads_index_].toTensorList().size() == grad_sources_.size(),
                 "fusedopt.CachedCall: one grad source per grad");
@@ -50,15 +62,16 @@ class CachedCall {
   // could not be used. A step checks every launch this way before it runs any, so a bad gradient in one
   // launch cannot leave the params of another half-updated.
   bool grads_ready() const {
-    for (size_t i = 0; i < grad_sources_.size(); ++i) {
-      const at::Tensor& param = grad_sources_[i];
+    for (const at::Tensor& param : grad_sources_) {
       const at::Tensor& grad = param.grad();
       if (!grad.defined()) return false;
-      TORCH_CHECK(grad.layout() == at::kStrided, "fusedopt optimizers do not support sparse gradients");
-      TORCH_CHECK(grad.sizes() == param.sizes() && grad.scalar_type() == param.scalar_type() &&
-                      grad.device() == param.device(),
-                  "fusedopt: the gradient of a param of shape ", param.sizes(), ", ", param.scalar_type(), " on ",
-                  param.device(), " is ", grad.sizes(), ", ", grad.scalar_type(), " on ", grad.device());
+      // The common case, in a few comparisons; anything else goes through the one full check.
+      if (grad.layout() == at::kStrided && grad.scalar_type() == param.scalar_type() &&
+          grad.device() == param.device() && grad.sizes() == param.sizes()) {
+        continue;
+      }
+      const std::string problem = grad_problem(param, grad);
+      TORCH_CHECK(problem.empty(), "fusedopt: ", problem);
     }
     return true;
   }
@@ -112,11 +125,13 @@ bool none_has_grad(const std::vector<at::Tensor>& params) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt kernels; importing this module registers the torch.ops.fusedopt ops";
   py::class_<fusedopt::CachedCall>(m, "CachedCall")
-      .def(py::init<const std::string&, const py::tuple&, std::vector<at::Tensor>>())
+      .def(py::init<const std::string&, const py::dict&, std::vector<at::Tensor>>())
       .def("grads_ready", &fusedopt::CachedCall::grads_ready)
       .def("run", &fusedopt::CachedCall::run);
   m.def("none_has_grad", &fusedopt::none_has_grad, "True when no tensor in the list has a .grad");
   fusedopt::register_plan_guard(m);
+  fusedopt::register_grad_check(m);
+  fusedopt::register_algorithm_specs(m);
   m.def(
       "_set_cooperative_launch", [](bool enabled) { return fusedopt::cooperative_launch_enabled().exchange(enabled); },
       "CUDA: allow (True) or forbid one cooperative launch for reduce + update; returns the previous setting");

@@ -1,5 +1,6 @@
-// The interface between the CPU runner (csrc/cpu_step.cpp, compiled once, for the baseline CPU) and the CPU
-// update kernels (csrc/cpu/update_kernels.cpp, compiled once per instruction set by setup.py). Both sides
+// The interface between the CPU runner (csrc/cpu_runner.h and csrc/cpu_dispatch.cpp, compiled for the baseline
+// CPU) and the CPU update kernels (csrc/cpu/update_kernels.h, compiled once per algorithm and instruction set by
+// setup.py). Both sides
 // include this header, so it holds no at::Tensor and nothing that would be compiled with AVX-512 flags in one
 // object and shared with another: only a table of function pointers, which is data.
 #pragma once
@@ -26,5 +27,15 @@ template <typename scalar_t, typename Rule>
 struct UpdateKernels {
   static inline UpdateFn<scalar_t, Rule> by_variant[kNumVariants] = {};
 };
+
+// Fills one variant's slots for every kernel of one algorithm (csrc/cpu/update_kernels.h).
+using KernelRegistrar = void (*)();
+
+// Called during static initialisation by each algorithm's registration, for each variant compiled; the
+// registrars of the variants this CPU has run before the first step.
+void add_kernel_registrar(Variant variant, KernelRegistrar registrar);
+
+// The variant every step runs (the best this CPU has, or the one _set_cpu_variant chose).
+int active_variant();
 
 }  // namespace fusedopt::cpu

@@ -1,7 +1,8 @@
 // The CUDA kernel: one launch updates every tensor of the table. A persistent grid walks the (tensor, chunk)
 // work items; each block builds the tensor's rule once per chunk and streams the chunk through it with 16-byte
 // loads where every pointer allows. The step counters (and a per-step LR schedule) are advanced by the last
-// block to finish, after every block has read them, so a single launch both uses and advances them. A step
+// block to finish, after every block has read them, so a single launch both uses and advances them (and any
+// other per-param scalar state, csrc/algorithm.h). A step
 // that unscales or clips gradients first reduces them (kReduceGrads), waits at a grid barrier, then updates.
 //
 // What one launch needs besides the table is its own: the per-call values come by value (StepArgs), and the
@@ -270,8 +271,9 @@ __global__ void __launch_bounds__(kThreads)
   if (!adjust.skip) {
     const int64_t num_tensors = header.num_tensors;
     for (int64_t t = threadIdx.x; t < num_tensors; t += blockDim.x) {
-      if (float* step = table.tensors()[t].step) *step += 1.0f;
+      table.store_scalars<typename Rule::Algorithm>(t);
     }
+    __syncthreads();  // the scalars' advance reads the lrs the schedule is about to change
     const ScheduleArgs& schedule = args.schedule;
     for (int64_t g = threadIdx.x; g < schedule.groups; g += blockDim.x) {
       advance_group_schedule(schedule.program + g * schedule.program_stride, schedule.state + g * schedule.state_stride,
@@ -487,6 +489,3 @@ struct CudaRunner {
 
 }  // namespace fusedopt
 
-// Each algorithm's CUDA kernels live in their own translation unit so they compile in parallel.
-#define FUSEDOPT_REGISTER_CUDA(op) \
-  TORCH_LIBRARY_IMPL(fusedopt, CUDA, m) { m.impl(#op, FUSEDOPT_BOXED(op, fusedopt::CudaRunner)); }

@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "lr_schedule.h"
+#include "grad_check.h"
 #include "ops.h"
 
 namespace fusedopt {
@@ -18,7 +19,7 @@ std::string describe(const at::Tensor& t) {
 }
 
 // Every tensor the kernel touches for entry i must match the param in shape, dtype and device.
-void check_like_param(const char* op, const char* what, size_t index, const at::Tensor& t, const at::Tensor& param) {
+void check_like_param(std::string_view op, const char* what, size_t index, const at::Tensor& t, const at::Tensor& param) {
   TORCH_CHECK(t.defined(), "fusedopt.", op, ": ", what, "[", index, "] is undefined");
   TORCH_CHECK(t.layout() == at::kStrided, "fusedopt.", op, ": ", what, "[", index,
               "] is sparse; fusedopt optimizers do not support sparse gradients");
@@ -28,7 +29,7 @@ void check_like_param(const char* op, const char* what, size_t index, const at::
 }
 
 // A 1-element tensor of `dtype` on `device`, when given.
-void check_scalar(const char* op, const char* what, const OptionalTensor& t, at::ScalarType dtype,
+void check_scalar(std::string_view op, const char* what, const OptionalTensor& t, at::ScalarType dtype,
                   const at::Device& device) {
   if (!t.has_value() || !t->defined()) return;
   TORCH_CHECK(t->numel() == 1 && t->scalar_type() == dtype && t->device() == device, "fusedopt.", op, ": ", what,
@@ -38,7 +39,7 @@ void check_scalar(const char* op, const char* what, const OptionalTensor& t, at:
 bool given(const OptionalTensor& t) { return t.has_value() && t->defined(); }
 
 void validate_extras(const StepInputs& in, const at::Device& device) {
-  const char* op = in.op_name;
+  const std::string_view op = in.op_name;
   const StepExtras& x = in.extras;
   const size_t num_groups = in.group_ends.size();
   TORCH_CHECK(x.momenta.size() == 0 || x.momenta.size() == num_groups, "fusedopt.", op,
@@ -92,19 +93,20 @@ void validate_extras(const StepInputs& in, const at::Device& device) {
 }
 
 void validate(const StepInputs& in) {
-  const char* op = in.op_name;
+  const std::string_view op = in.op_name;
   const size_t n = in.params.size();
   TORCH_CHECK(in.grads.size() == n, "fusedopt.", op, ": got ", n, " params but ", in.grads.size(), " grads");
   for (const auto& list : in.states) {
     TORCH_CHECK(list.size() == n, "fusedopt.", op, ": got ", n, " params but a state list of ", list.size());
   }
-  TORCH_CHECK(in.steps.size() == (in.uses_step ? n : 0), "fusedopt.", op, ": got ", n, " params but ",
-              in.steps.size(), " state_steps");
+  for (const auto& list : in.scalars) {
+    TORCH_CHECK(list.size() == n, "fusedopt.", op, ": got ", n, " params but a scalar state list of ", list.size());
+  }
   TORCH_CHECK(in.fresh_state.empty() || in.fresh_state.size() == n, "fusedopt.", op, ": got ", n,
               " params but ", in.fresh_state.size(), " fresh_state flags");
   const size_t num_groups = in.group_ends.size();
-  TORCH_CHECK(in.hyper.size() == num_groups * kMaxHyper, "fusedopt.", op, ": expected ", kMaxHyper,
-              " hyperparameters for each of ", num_groups, " groups, got ", in.hyper.size());
+  TORCH_CHECK(int64_t(in.hyper.size()) == int64_t(num_groups) * in.num_hyper, "fusedopt.", op, ": expected ",
+              in.num_hyper, " hyperparameters for each of ", num_groups, " groups, got ", in.hyper.size());
   TORCH_CHECK(in.lrs.size() == num_groups, "fusedopt.", op, ": expected one lr entry per group");
   int64_t previous_end = 0;
   for (int64_t end : in.group_ends) {
@@ -123,14 +125,15 @@ void validate(const StepInputs& in) {
     TORCH_CHECK(param.scalar_type() == dtype && param.device() == first.device() && param.layout() == at::kStrided,
                 "fusedopt.", op, ": all params of one launch must share dtype and device; params[", i, "] is ",
                 describe(param), ", params[0] is ", describe(first));
-    check_like_param(op, "grads", i, in.grads[i], param);
+    const std::string problem = grad_problem(param, in.grads[i]);
+    TORCH_CHECK(problem.empty(), "fusedopt.", op, ": grads[", i, "]: ", problem);
     for (const auto& list : in.states) check_like_param(op, "state", i, list[i], param);
-    if (in.uses_step) {
-      const at::Tensor& step = in.steps[i];
-      TORCH_CHECK(step.defined() && step.numel() == 1 && step.scalar_type() == at::kFloat &&
-                      step.device() == param.device(),
-                  "fusedopt.", op, ": state_steps[", i, "] must be a 1-element float32 tensor on ", param.device(),
-                  ", got ", step.defined() ? describe(step) : std::string("undefined"));
+    for (const auto& list : in.scalars) {
+      const at::Tensor& scalar = list[i];
+      TORCH_CHECK(scalar.defined() && scalar.numel() == 1 && scalar.scalar_type() == at::kFloat &&
+                      scalar.device() == param.device(),
+                  "fusedopt.", op, ": scalar state [", i, "] must be a 1-element float32 tensor on ", param.device(),
+                  ", got ", scalar.defined() ? describe(scalar) : std::string("undefined"));
     }
   }
   for (size_t g = 0; g < num_groups; ++g) {
@@ -253,7 +256,9 @@ PreparedStep prepare_step(const StepInputs& in) {
     for (int k = 0; k < kMaxStates; ++k) {
       e.state[k] = k < int(in.states.size()) ? dense_data(in.states[k][i], *param, prepared, true) : nullptr;
     }
-    e.step = in.uses_step ? in.steps[i].data_ptr<float>() : nullptr;
+    for (int k = 0; k < kMaxScalars; ++k) {
+      e.scalars[k] = k < int(in.scalars.size()) ? in.scalars[k][i].data_ptr<float>() : nullptr;
+    }
     e.numel = param->numel();
     e.group = int32_t(group);
     e.fresh_state = in.fresh_state.empty() ? 0 : int32_t(in.fresh_state[i] != 0);
@@ -265,7 +270,7 @@ PreparedStep prepare_step(const StepInputs& in) {
 
   for (int64_t g = 0; g < num_groups; ++g) {
     GroupEntry entry{};
-    std::copy_n(in.hyper.data() + g * kMaxHyper, kMaxHyper, entry.hyper);
+    std::copy_n(in.hyper.data() + g * in.num_hyper, in.num_hyper, entry.hyper);
     const std::optional<at::Tensor> lr = in.lrs.get(g);
     if (lr.has_value() && lr->defined()) {
       entry.lr_tensor = lr->data_ptr();
@@ -321,12 +326,6 @@ int64_t table_words_op(int64_t num_tensors, int64_t num_groups) { return table_w
 }  // namespace
 
 
-// Every step op's arguments after its options (StepExtras in ops.h).
-#define FUSEDOPT_SCHEMA_TAIL                                                                                      \
-  ", Tensor?[] momenta, Tensor? grad_scale=None, Tensor? skip_if=None, Tensor(x!)? found_inf=None, "             \
-  "Tensor(y!)? grad_stats=None, float max_grad_norm=0., int phases=2, Tensor(z!)? schedule_lrs=None, "           \
-  "Tensor(w!)? schedule_momenta=None, Tensor(v!)? schedule_state=None, Tensor? schedule_program=None) -> ()"
-
 TORCH_LIBRARY(fusedopt, m) {
   m.def("table_words(int num_tensors, int num_groups) -> int", &table_words_op);
   // One step of a device-side LR schedule (csrc/lr_schedule.h) for every param group: lrs[g] (and momenta[g]
@@ -334,41 +333,7 @@ TORCH_LIBRARY(fusedopt, m) {
   m.def(
       "advance_schedule_(Tensor(a!) lrs, Tensor(b!) state, Tensor program, Tensor(c!)? momenta=None, "
       "Tensor? metric=None) -> ()");
-  m.def(
-      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, int[] fresh_state, "
-      "int[] group_ends, float[] hyper, Tensor?[] lrs, Tensor(c!) host_table, Tensor(d!) device_table, "
-      "bool momentum, bool nesterov, bool maximize" FUSEDOPT_SCHEMA_TAIL);
-  m.def(
-      "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, int[] group_ends, float[] hyper, Tensor?[] lrs, "
-      "Tensor(f!) host_table, Tensor(g!) device_table, bool amsgrad, bool maximize, "
-      "bool decoupled_weight_decay" FUSEDOPT_SCHEMA_TAIL);
-  m.def(
-      "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor(c!)[] state_steps, "
-      "int[] group_ends, float[] hyper, Tensor?[] lrs, Tensor(d!) host_table, Tensor(e!) device_table, "
-      "bool maximize" FUSEDOPT_SCHEMA_TAIL);
-  m.def(
-      "adadelta_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] acc_deltas, "
-      "Tensor(d!)[] state_steps, int[] group_ends, float[] hyper, Tensor?[] lrs, Tensor(e!) host_table, "
-      "Tensor(f!) device_table, bool maximize" FUSEDOPT_SCHEMA_TAIL);
-  m.def(
-      "adamax_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_infs, "
-      "Tensor(d!)[] state_steps, int[] group_ends, float[] hyper, Tensor?[] lrs, Tensor(e!) host_table, "
-      "Tensor(f!) device_table, bool maximize" FUSEDOPT_SCHEMA_TAIL);
-  m.def(
-      "rmsprop_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] momentum_buffers, "
-      "Tensor(d!)[] grad_avgs, Tensor(e!)[] state_steps, int[] group_ends, float[] hyper, Tensor?[] lrs, "
-      "Tensor(f!) host_table, Tensor(g!) device_table, bool momentum, bool centered, bool maximize"
-      FUSEDOPT_SCHEMA_TAIL);
-}
-
-// The step ops run outside autograd, as torch's fused optimizer kernels do (optimizers step under no_grad).
-// Without an Autograd kernel every call would go through torch's autograd fallback, which visits each of the
-// thousands of tensor arguments; a fallthrough goes straight to the device kernel.
-TORCH_LIBRARY_IMPL(fusedopt, Autograd, m) {
-  for (const char* name : {"sgd_", "adam_", "adagrad_", "adadelta_", "adamax_", "rmsprop_"}) {
-    m.impl(name, torch::CppFunction::makeFallthrough());
-  }
+  // Each algorithm's step op is defined by its own registration (csrc/algorithm_op.h).
 }
 
 }  // namespace fusedopt

@@ -1,5 +1,6 @@
-// Host side of every fused op, shared by the CPU (ops.cpp) and CUDA (step_cuda.cu) registrations: input
-// validation, the table cache, and one templated implementation per algorithm that turns runtime options into
+// Host side of every fused op, shared by the CPU and CUDA registrations (csrc/algorithm_op.h,
+// csrc/algorithm_cuda.cuh): reading the boxed arguments by name, validation and the table cache (ops.cpp), and
+// the one templated implementation every algorithm's op runs (step_boxed), which turns runtime options into
 // template flags and hands the prepared step to a device Runner.
 #pragma once
 
@@ -12,6 +13,8 @@
 #include <optional>
 #include <utility>
 #include <vector>
+
+#include <string_view>
 
 #include "step_table.h"
 
@@ -53,15 +56,15 @@ struct StepExtras {
 };
 
 struct StepInputs {
-  const char* op_name;
+  std::string_view op_name;
   TensorSpan params;
   TensorSpan grads;
-  std::vector<TensorSpan> states;  // the state lists this configuration uses, in rule slot order
-  bool uses_step;
-  TensorSpan steps;
-  std::vector<int64_t> fresh_state;  // empty, or one 0/1 per tensor (SGD)
+  std::vector<TensorSpan> states;   // the state lists these options use, in declaration order
+  std::vector<TensorSpan> scalars;  // one list per declared scalar (kScalars)
+  std::vector<int64_t> fresh_state; // empty, or one 0/1 per tensor
   std::vector<int64_t> group_ends;
-  std::vector<double> hyper;
+  std::vector<double> hyper;        // num_hyper per group
+  int64_t num_hyper;
   OptionalTensorList lrs;
   at::Tensor host_table;
   at::Tensor device_table;
@@ -75,22 +78,20 @@ class BoxedArgs {
   BoxedArgs(const c10::OperatorHandle& op, torch::jit::Stack& stack)
       : schema_(op.schema()), stack_(stack), first_(stack.size() - schema_.arguments().size()) {}
 
-  const c10::IValue& operator[](const char* name) const {
+  const c10::IValue& operator[](std::string_view name) const {
     const auto index = schema_.argumentIndexWithName(name);
     TORCH_INTERNAL_ASSERT(index.has_value(), schema_.name(), " has no argument ", name);
     return stack_[first_ + *index];
   }
-  TensorSpan tensors(const char* name) const { return TensorSpan((*this)[name].toListRef()); }
-  bool flag(const char* name) const { return (*this)[name].toBool(); }
-  OptionalTensor optional(const char* name) const { return (*this)[name].toOptional<at::Tensor>(); }
+  TensorSpan tensors(std::string_view name) const { return TensorSpan((*this)[name].toListRef()); }
+  bool flag(std::string_view name) const { return (*this)[name].toBool(); }
+  OptionalTensor optional(std::string_view name) const { return (*this)[name].toOptional<at::Tensor>(); }
 
-  // Everything but the state lists, which the algorithm picks from its options.
-  StepInputs inputs(const char* op_name, std::vector<TensorSpan> states, bool uses_step, int64_t momentum_slot) const {
+  // Everything but the state lists and scalars, which the algorithm picks from its declaration.
+  StepInputs inputs(std::string_view op_name, int64_t num_hyper, int64_t momentum_slot) const {
     const BoxedArgs& a = *this;
-    return StepInputs{op_name, a.tensors("params"), a.tensors("grads"), std::move(states), uses_step,
-                      uses_step ? a.tensors("state_steps") : TensorSpan{},
-                      uses_step ? std::vector<int64_t>{} : a["fresh_state"].toIntVector(),
-                      a["group_ends"].toIntVector(), a["hyper"].toDoubleVector(),
+    return StepInputs{op_name, a.tensors("params"), a.tensors("grads"), {}, {}, a["fresh_state"].toIntVector(),
+                      a["group_ends"].toIntVector(), a["hyper"].toDoubleVector(), num_hyper,
                       a["lrs"].to<OptionalTensorList>(), a["host_table"].toTensor(), a["device_table"].toTensor(),
                       momentum_slot,
                       StepExtras{a["momenta"].to<OptionalTensorList>(), a.optional("grad_scale"), a.optional("skip_if"),
@@ -156,117 +157,43 @@ void run_for_dtype(PreparedStep& prepared, RuleFor rule_for) {
   }
 }
 
-#define FUSEDOPT_FLAG(f) decltype(f)::value
+// Runtime option bits to a template constant: fn(std::integral_constant<uint32_t, mask>{}) for the mask given,
+// among the 2^num_options combinations (each a kernel of its own).
+template <int kNumOptions, uint32_t kMask = 0, typename Fn>
+void with_option_mask(uint32_t mask, Fn&& fn) {
+  if constexpr (kMask + 1 < (1u << kNumOptions)) {
+    if (mask != kMask) return with_option_mask<kNumOptions, kMask + 1>(mask, std::forward<Fn>(fn));
+  }
+  fn(std::integral_constant<uint32_t, kMask>{});
+}
 
-// Runs one prepared step: the flags pick the rule, the dtype picks the storage type.
-template <class Runner, typename RuleFor, typename... Flags>
-void launch(const StepInputs& inputs, RuleFor rule_for, Flags... flags) {
+// The one implementation of every algorithm's op: reads the arguments the declaration names, picks the kernel
+// for the options given and the params' dtype, and runs it on the device's Runner. Boxed: see TensorSpan.
+template <class A, class Runner>
+void step_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  using D = Declared<A>;
+  const BoxedArgs a(op, *stack);
+  uint32_t mask = 0;
+  for (size_t k = 0; k < A::kOptions.size(); ++k) mask |= uint32_t(a.flag(A::kOptions[k])) << k;
+  StepInputs inputs = a.inputs(A::kOp, int64_t(A::kHyper.size()), D::momentum_slot());
+  for (size_t k = 0; k < A::kStates.size(); ++k) {
+    const StateDecl& state = A::kStates[k];
+    const TensorSpan list = a.tensors(state.name);
+    const bool used = state.enabled_by.empty() || a.flag(state.enabled_by);
+    TORCH_CHECK(used || list.empty(), "fusedopt.", A::kOp, ": ", state.name, " given without ", state.enabled_by);
+    if (used) inputs.states.push_back(list);
+  }
+  for (const std::string_view name : A::kScalars) inputs.scalars.push_back(a.tensors(name));
   PreparedStep prepared = prepare_step(inputs);
-  if (prepared.empty) return;
-  with_flags([&](auto... chosen) { run_for_dtype<Runner>(prepared, rule_for(chosen...)); }, flags...);
-  finish_step(prepared);
-}
-
-// ---- One implementation per algorithm, registered for each device with its Runner (boxed: see TensorSpan). ----
-
-template <class Runner>
-void sgd_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const BoxedArgs a(op, *stack);
-  // torch's SGD runs plain SGD for momentum 0 whatever nesterov says (it validates only its defaults).
-  const bool momentum = a.flag("momentum"), nesterov = momentum && a.flag("nesterov");
-  std::vector<TensorSpan> states;
-  if (momentum) states.push_back(a.tensors("momentum_buffers"));
-  TORCH_CHECK(momentum || a.tensors("momentum_buffers").empty(), "fusedopt.sgd_: momentum_buffers given without momentum");
-  launch<Runner>(
-      a.inputs("sgd_", std::move(states), false, 1),
-      [](auto m, auto n, auto x) {
-        return [](auto t) {
-          return TypeTag<SgdRule<typename decltype(t)::type, FUSEDOPT_FLAG(m), FUSEDOPT_FLAG(n), FUSEDOPT_FLAG(x)>>{};
-        };
-      },
-      momentum, nesterov, a.flag("maximize"));
+  if (!prepared.empty) {
+    with_option_mask<int(A::kOptions.size())>(mask, [&](auto flags) {
+      run_for_dtype<Runner>(prepared, [](auto math) {
+        return TypeTag<typename A::template Rule<typename decltype(math)::type, decltype(flags)::value>>{};
+      });
+    });
+    finish_step(prepared);
+  }
   a.done();
-}
-
-template <class Runner>
-void adam_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const BoxedArgs a(op, *stack);
-  const bool amsgrad = a.flag("amsgrad");
-  std::vector<TensorSpan> states{a.tensors("exp_avgs"), a.tensors("exp_avg_sqs")};
-  if (amsgrad) states.push_back(a.tensors("max_exp_avg_sqs"));
-  TORCH_CHECK(amsgrad || a.tensors("max_exp_avg_sqs").empty(), "fusedopt.adam_: max_exp_avg_sqs given without amsgrad");
-  launch<Runner>(
-      a.inputs("adam_", std::move(states), true, 1),
-      [](auto am, auto m, auto d) {
-        return [](auto t) {
-          return TypeTag<AdamRule<typename decltype(t)::type, FUSEDOPT_FLAG(am), FUSEDOPT_FLAG(m), FUSEDOPT_FLAG(d)>>{};
-        };
-      },
-      amsgrad, a.flag("maximize"), a.flag("decoupled_weight_decay"));
-  a.done();
-}
-
-template <class Runner>
-void adagrad_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const BoxedArgs a(op, *stack);
-  launch<Runner>(
-      a.inputs("adagrad_", {a.tensors("state_sums")}, true, -1),
-      [](auto m) { return [](auto t) { return TypeTag<AdagradRule<typename decltype(t)::type, FUSEDOPT_FLAG(m)>>{}; }; },
-      a.flag("maximize"));
-  a.done();
-}
-
-template <class Runner>
-void adadelta_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const BoxedArgs a(op, *stack);
-  launch<Runner>(
-      a.inputs("adadelta_", {a.tensors("square_avgs"), a.tensors("acc_deltas")}, true, -1),
-      [](auto m) { return [](auto t) { return TypeTag<AdadeltaRule<typename decltype(t)::type, FUSEDOPT_FLAG(m)>>{}; }; },
-      a.flag("maximize"));
-  a.done();
-}
-
-template <class Runner>
-void adamax_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const BoxedArgs a(op, *stack);
-  launch<Runner>(
-      a.inputs("adamax_", {a.tensors("exp_avgs"), a.tensors("exp_infs")}, true, 1),
-      [](auto m) { return [](auto t) { return TypeTag<AdamaxRule<typename decltype(t)::type, FUSEDOPT_FLAG(m)>>{}; }; },
-      a.flag("maximize"));
-  a.done();
-}
-
-template <class Runner>
-void rmsprop_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
-  const BoxedArgs a(op, *stack);
-  const bool momentum = a.flag("momentum"), centered = a.flag("centered");
-  std::vector<TensorSpan> states{a.tensors("square_avgs")};
-  if (momentum) states.push_back(a.tensors("momentum_buffers"));
-  if (centered) states.push_back(a.tensors("grad_avgs"));
-  TORCH_CHECK(momentum || a.tensors("momentum_buffers").empty(), "fusedopt.rmsprop_: momentum_buffers given without momentum");
-  TORCH_CHECK(centered || a.tensors("grad_avgs").empty(), "fusedopt.rmsprop_: grad_avgs given without centered");
-  launch<Runner>(
-      a.inputs("rmsprop_", std::move(states), true, 4),
-      [](auto m, auto c, auto x) {
-        return [](auto t) {
-          return TypeTag<RmspropRule<typename decltype(t)::type, FUSEDOPT_FLAG(m), FUSEDOPT_FLAG(c), FUSEDOPT_FLAG(x)>>{};
-        };
-      },
-      momentum, centered, a.flag("maximize"));
-  a.done();
-}
-
-#define FUSEDOPT_BOXED(op, Runner) torch::CppFunction::makeFromBoxedFunction<&fusedopt::op##boxed<Runner>>()
-
-// Registers every algorithm's implementation for one dispatch key.
-template <class Runner>
-void register_impls(torch::Library& m) {
-  m.impl("sgd_", FUSEDOPT_BOXED(sgd_, Runner));
-  m.impl("adam_", FUSEDOPT_BOXED(adam_, Runner));
-  m.impl("adagrad_", FUSEDOPT_BOXED(adagrad_, Runner));
-  m.impl("adadelta_", FUSEDOPT_BOXED(adadelta_, Runner));
-  m.impl("adamax_", FUSEDOPT_BOXED(adamax_, Runner));
-  m.impl("rmsprop_", FUSEDOPT_BOXED(rmsprop_, Runner));
 }
 
 }  // namespace fusedopt

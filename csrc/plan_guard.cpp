@@ -23,21 +23,23 @@ namespace {
 
 class PlanGuard {
  public:
-  // containers: the lists/tuples/dicts the plan was read from. params/states/steps: one entry per planned
-  // param, its state tensors as `optimizer.state` holds them and its `step` (None where the class keeps none).
+  // containers: the lists/tuples/dicts the plan was read from. params/states/scalars: one entry per planned
+  // param, its state tensors as `optimizer.state` holds them and its scalar state (`step`, ...).
   // views: (source, real view) pairs of the complex params and states.
   PlanGuard(const py::list& containers, const std::vector<at::Tensor>& params,
-            const std::vector<std::vector<at::Tensor>>& states, const std::vector<std::optional<at::Tensor>>& steps,
+            const std::vector<std::vector<at::Tensor>>& states, const std::vector<std::vector<at::Tensor>>& scalars,
             const std::vector<std::pair<at::Tensor, at::Tensor>>& views) {
     for (const py::handle container : containers) record(container);
-    TORCH_CHECK(states.size() == params.size() && steps.size() == params.size(),
-                "fusedopt.PlanGuard: one state list and one step per param");
+    TORCH_CHECK(states.size() == params.size() && scalars.size() == params.size(),
+                "fusedopt.PlanGuard: one state list and one scalar list per param");
     entries_.reserve(params.size());
     for (size_t i = 0; i < params.size(); ++i) {
       const at::Tensor& param = params[i];
       entries_.push_back({param, param.scalar_type(), param.device(), state_tensors_.size(),
-                          state_tensors_.size() + states[i].size(), steps[i].value_or(at::Tensor())});
+                          state_tensors_.size() + states[i].size(), scalar_tensors_.size(),
+                          scalar_tensors_.size() + scalars[i].size()});
       state_tensors_.insert(state_tensors_.end(), states[i].begin(), states[i].end());
+      scalar_tensors_.insert(scalar_tensors_.end(), scalars[i].begin(), scalars[i].end());
     }
     views_.assign(views.begin(), views.end());
   }
@@ -69,8 +71,8 @@ class PlanGuard {
     at::Tensor param;
     at::ScalarType dtype;  // the launch it is in was chosen by dtype and device
     at::Device device;
-    size_t states_begin, states_end;  // in state_tensors_
-    at::Tensor step;                  // undefined: no step counter
+    size_t states_begin, states_end;    // in state_tensors_
+    size_t scalars_begin, scalars_end;  // in scalar_tensors_
   };
 
   void record(py::handle container) {
@@ -128,9 +130,11 @@ class PlanGuard {
         return false;
       }
     }
-    const at::Tensor& step = entry.step;
-    return !step.defined() ||
-           (step.numel() == 1 && step.scalar_type() == at::kFloat && step.device() == entry.device);
+    for (size_t s = entry.scalars_begin; s < entry.scalars_end; ++s) {
+      const at::Tensor& scalar = scalar_tensors_[s];
+      if (scalar.numel() != 1 || scalar.scalar_type() != at::kFloat || scalar.device() != entry.device) return false;
+    }
+    return true;
   }
 
   static bool still_views(const at::Tensor& source, const at::Tensor& view) {
@@ -150,6 +154,7 @@ class PlanGuard {
   bool unsupported_ = false;
   std::vector<Entry> entries_;
   std::vector<at::Tensor> state_tensors_;
+  std::vector<at::Tensor> scalar_tensors_;
   std::vector<std::pair<at::Tensor, at::Tensor>> views_;
 };
 
@@ -158,9 +163,9 @@ class PlanGuard {
 void register_plan_guard(py::module& m) {
   py::class_<PlanGuard>(m, "PlanGuard")
       .def(py::init<const py::list&, const std::vector<at::Tensor>&, const std::vector<std::vector<at::Tensor>>&,
-                    const std::vector<std::optional<at::Tensor>>&,
+                    const std::vector<std::vector<at::Tensor>>&,
                     const std::vector<std::pair<at::Tensor, at::Tensor>>&>(),
-           py::arg("containers"), py::arg("params"), py::arg("states"), py::arg("steps"), py::arg("views"))
+           py::arg("containers"), py::arg("params"), py::arg("states"), py::arg("scalars"), py::arg("views"))
       .def("unchanged", &PlanGuard::unchanged,
            "True while the plan holds exactly the tensors the optimizer's state and param groups hold");
 }

@@ -15,14 +15,13 @@
 #include <type_traits>
 #include <utility>
 
-#include "update_rules.h"
+#include "algorithm.h"
 
 namespace fusedopt {
 
 // Elements per work item: large enough to amortise the per-chunk setup, small enough to spread a few big
 // tensors over all SMs (CUDA) or cores (CPU).
 constexpr int64_t kChunkSize = 16384;
-constexpr int kMaxStates = 3;
 
 // What a launch does (StepArgs::phases). A step that unscales or clips gradients needs their global
 // non-finite flag and sum of squares before any update: one launch does both phases with a grid barrier
@@ -78,10 +77,10 @@ struct TensorEntry {
   void* param;
   const void* grad;
   void* state[kMaxStates];
-  float* step;  // nullptr for algorithms without a step counter (SGD)
+  float* scalars[kMaxScalars];  // the param's scalar state (algorithm.h: kScalars), 1-element float32 tensors
   int64_t numel;
   int32_t group;
-  int32_t fresh_state;  // SGD: the momentum buffer is created by this step (torch clones the gradient)
+  int32_t fresh_state;  // the buffers are created by this step (SGD: torch clones the gradient into them)
 };
 
 // Group entries change when a float hyperparameter does (a learning rate that changes every step): they lie
@@ -139,18 +138,44 @@ struct TableView {
                               : double(*static_cast<const float*>(group.lr_tensor));
   }
 
-  // The rule for one tensor in this launch: its group's hyperparameters and the step number it is making.
+  // The hyperparameters a group's rules read: the momentum slot replaced by the schedule's device value when
+  // a schedule cycles momentum. Selected per slot (not hyper[slot] = ...) so the copy stays in registers.
+  C10_HOST_DEVICE void group_hyper(const GroupEntry& group, double (&hyper)[kMaxHyper]) const {
+    const int64_t slot = group.momentum_value == nullptr ? -1 : header().momentum_slot;
+    const double momentum = slot < 0 ? 0.0 : *group.momentum_value;
+    for (int k = 0; k < kMaxHyper; ++k) hyper[k] = k == slot ? momentum : group.hyper[k];
+  }
+
+  // The rule for one tensor in this launch: its group's hyperparameters and its scalar state before and after
+  // this step (every chunk computes `after` itself; the last block stores it, see store_scalars).
   template <typename Rule>
   C10_HOST_DEVICE Rule rule_for(const TensorEntry& entry) const {
+    using A = typename Rule::Algorithm;
     const GroupEntry& group = groups()[entry.group];
-    const double step = entry.step ? double(*entry.step) + 1.0 : 0.0;
-    if (group.momentum_value == nullptr) return Rule(group.hyper, learning_rate(group), step, entry.fresh_state != 0);
-    // Selected per slot (not hyper[slot] = ...) so the copy stays in registers on the device.
-    const int64_t slot = header().momentum_slot;
-    const double momentum = *group.momentum_value;
     double hyper[kMaxHyper];
-    for (int k = 0; k < kMaxHyper; ++k) hyper[k] = k == slot ? momentum : group.hyper[k];
-    return Rule(hyper, learning_rate(group), step, entry.fresh_state != 0);
+    group_hyper(group, hyper);
+    const double lr = learning_rate(group);
+    float before[kMaxScalars > 0 ? kMaxScalars : 1] = {}, after[kMaxScalars > 0 ? kMaxScalars : 1] = {};
+    if constexpr (A::kScalars.size() > 0) {
+      for (size_t k = 0; k < A::kScalars.size(); ++k) before[k] = *entry.scalars[k];
+      A::advance(hyper, lr, before, after);
+    }
+    return Rule(RuleInputs{hyper, lr, before, after, entry.fresh_state != 0});
+  }
+
+  // Writes tensor t's scalar state after this step. Only once every chunk of the launch has read it.
+  template <typename A>
+  C10_HOST_DEVICE void store_scalars(int64_t t) const {
+    if constexpr (A::kScalars.size() > 0) {
+      const TensorEntry& entry = tensors()[t];
+      const GroupEntry& group = groups()[entry.group];
+      double hyper[kMaxHyper];
+      group_hyper(group, hyper);
+      float before[A::kScalars.size()], after[A::kScalars.size()];
+      for (size_t k = 0; k < A::kScalars.size(); ++k) before[k] = *entry.scalars[k];
+      A::advance(hyper, learning_rate(group), before, after);
+      for (size_t k = 0; k < A::kScalars.size(); ++k) *entry.scalars[k] = after[k];
+    }
   }
 };
 
@@ -183,25 +208,6 @@ template <typename T>
 C10_HOST_DEVICE inline bool is_nonfinite(T value) {
   const T difference = value - value;
   return difference != difference;
-}
-
-// Runtime flags to template parameters, as flash-attention's BOOL_SWITCH, for any number of flags:
-// calls fn(std::bool_constant<flag0>{}, std::bool_constant<flag1>{}, ...).
-template <typename Fn, bool... Chosen>
-void dispatch_flags(Fn&& fn, std::integer_sequence<bool, Chosen...>) {
-  fn(std::bool_constant<Chosen>{}...);
-}
-template <typename Fn, bool... Chosen, typename... Rest>
-void dispatch_flags(Fn&& fn, std::integer_sequence<bool, Chosen...>, bool next, Rest... rest) {
-  if (next) {
-    dispatch_flags(std::forward<Fn>(fn), std::integer_sequence<bool, Chosen..., true>{}, rest...);
-  } else {
-    dispatch_flags(std::forward<Fn>(fn), std::integer_sequence<bool, Chosen..., false>{}, rest...);
-  }
-}
-template <typename Fn, typename... Flags>
-void with_flags(Fn&& fn, Flags... flags) {
-  dispatch_flags(std::forward<Fn>(fn), std::integer_sequence<bool>{}, bool(flags)...);
 }
 
 }  // namespace fusedopt

@@ -5,8 +5,8 @@ shape, dtype or device) raises before any state is created, converted or updated
 
 - `read_rows` only reads `optimizer.state`: per param with a grad, the state keys its group's options use and
   which of them this step creates. It raises what torch raises for the same state, before torch would write:
-  the algorithms that initialise a param's state only while its state dict is empty (Adam, AdamW, Adagrad,
-  Adadelta, Adamax, RMSprop) raise `KeyError(key)` for a key missing from a non-empty state; SGD treats a
+  the algorithms that initialise a param's state only while its state dict is empty (all but SGD) raise
+  `KeyError(key)` for a key missing from a non-empty state; SGD treats a
   missing or None `momentum_buffer` as fresh. A state tensor that does not match its param raises
   `RuntimeError` naming the param (group index and position) and the key.
 - `create_state` then fills each row's state as torch's `_init_group` would, and returns it.
@@ -43,7 +43,8 @@ def read_rows(optimizer):
 
 def _read_row(optimizer, group_index, position, param, keys):
     used = [k for k in keys if k is not None]
-    keeps_state = optimizer._uses_step or bool(used)
+    scalars = list(optimizer._spec.scalars)
+    keeps_state = bool(scalars) or bool(used)
     if not keeps_state:
         return StateRow(group_index, position, param, keys, (), False)
     state = optimizer.state.get(param)  # .get: a defaultdict would insert an entry
@@ -53,14 +54,15 @@ def _read_row(optimizer, group_index, position, param, keys):
         fresh = tuple(used)
     else:
         fresh = ()
-        for key in used + (["step"] if optimizer._uses_step else []):
+        for key in used + scalars:
             if key not in state:
                 raise KeyError(key)  # what torch's `state[key]` raises
     for key in used:
         if key not in fresh:
             _check_buffer(optimizer, group_index, position, param, key, state[key])
-    if optimizer._uses_step and not fresh:
-        _check_step(optimizer, group_index, position, param, state["step"])
+    if not fresh:
+        for key in scalars:
+            _check_scalar(optimizer, group_index, position, key, state[key])
     return StateRow(group_index, position, param, keys, fresh, True)
 
 
@@ -82,12 +84,12 @@ def _check_buffer(optimizer, group_index, position, param, key, value):
         )
 
 
-def _check_step(optimizer, group_index, position, param, step):
-    """torch requires a 1-element tensor (it raises RuntimeError for a number); fusedopt converts its dtype and
-    device, as torch's own kernels accept any."""
-    if not (torch.is_tensor(step) and step.numel() == 1 and not step.is_complex()):
-        shown = _describe(step) if torch.is_tensor(step) else type(step).__name__
-        raise RuntimeError(f"{_where(optimizer, group_index, position, 'step')} is {shown}, not a 1-element "
+def _check_scalar(optimizer, group_index, position, key, value):
+    """torch requires a 1-element tensor for `step` (it raises RuntimeError for a number) and keeps its other
+    scalar state as tensors too; fusedopt converts their dtype and device, as torch's own kernels accept any."""
+    if not (torch.is_tensor(value) and value.numel() == 1 and not value.is_complex()):
+        shown = _describe(value) if torch.is_tensor(value) else type(value).__name__
+        raise RuntimeError(f"{_where(optimizer, group_index, position, key)} is {shown}, not a 1-element "
                            "real tensor")
 
 
@@ -98,9 +100,12 @@ def create_state(optimizer, row):
     group = optimizer.param_groups[row.group_index]
     state = optimizer.state[row.param]
     if row.fresh_keys:
-        if optimizer._uses_step:
-            optimizer._step_tensor(state, row.param)  # a zero `step`, created first as torch creates it
-        new = optimizer._new_state(row.param, group)
+        new = optimizer._new_buffers(row.param, group)
+        for key in optimizer._spec.scalars:  # first, in declaration order, as torch creates them
+            if key == "step":
+                optimizer._scalar_tensor(state, key, row.param)
+            else:
+                state[key] = new[key]
         for key in row.fresh_keys:
             state[key] = new[key]
     return state

@@ -7,9 +7,6 @@ import warnings
 
 import torch
 
-OP_NAMES = ("sgd_", "adam_", "adagrad_", "adadelta_", "adamax_", "rmsprop_", "advance_schedule_")
-HYPER_SLOTS = 5  # hyperparameters per param group: kMaxHyper in csrc/update_rules.h
-
 try:
     from . import _C  # registers torch.ops.fusedopt
 
@@ -25,22 +22,70 @@ except ImportError as error:  # not built, or built against another torch
         stacklevel=2,
     )
 
+
+class AlgorithmSpec:
+    """An algorithm's declaration (csrc/algorithms/<name>.h) as the extension exports it: the names the Python
+    classes fill an op call by. Nothing here is written by hand on the Python side."""
+
+    def __init__(self, op, declared):
+        self.op = op
+        self.hyper = tuple(declared["hyper"])  # "lr" first
+        self.options = tuple(declared["options"])
+        self.states = tuple(name for name, _ in declared["states"])
+        self.enabled_by = {name: option for name, option in declared["states"]}  # "" = always used
+        self.scalars = tuple(declared["scalars"])
+        self.momentum = declared["momentum"] or None  # the hyperparameter a cycling schedule drives
+
+    def option_values(self, owner, named):
+        """The options in declaration order, from the class's {name: value}."""
+        self._same_names(owner, "_options", named, self.options)
+        return tuple(bool(named[name]) for name in self.options)
+
+    def hyper_values(self, owner, named):
+        """The hyperparameters after lr in declaration order, from the class's {name: value}."""
+        self._same_names(owner, "_hyper", named, self.hyper[1:])
+        return [float(named[name]) for name in self.hyper[1:]]
+
+    def active_states(self, options):
+        """The state buffers these option values use, with None where a buffer is unused."""
+        on = dict(zip(self.options, options))
+        return tuple(name if not self.enabled_by[name] or on[self.enabled_by[name]] else None
+                     for name in self.states)
+
+    def _same_names(self, owner, method, named, expected):
+        if set(named) != set(expected):
+            raise TypeError(f"{type(owner).__name__}.{method} must name exactly {sorted(expected)} (the declaration "
+                            f"of {self.op} in csrc/algorithms/), got {sorted(named)}")
+
+
+_SPECS = {}
 if EXTENSION_AVAILABLE:
+    _SPECS = {op: AlgorithmSpec(op, declared) for op, declared in _C.algorithm_specs().items()}
     # The ops only mutate their inputs, so tracing (FakeTensor, torch.compile) needs no shape logic.
-    for _name in OP_NAMES:
+    for _name in (*_SPECS, "advance_schedule_"):
         torch.library.register_fake(f"fusedopt::{_name}")(lambda *args, **kwargs: None)
 
 
+def spec(op_name):
+    """The AlgorithmSpec of a registered step op."""
+    return _SPECS[op_name]
+
+
 def cached_call(op_name, args, grad_sources):
-    """The op call `op_name(*args)`, converted once; `.run({name: value})` repeats it with fresh grads and
+    """The op call `op_name(**args)`, converted once; `.run({name: value})` repeats it with fresh grads and
     the named arguments replaced."""
-    return _C.CachedCall(op_name, tuple(args), list(grad_sources))
+    return _C.CachedCall(op_name, dict(args), list(grad_sources))
 
 
-def plan_guard(containers, params, states, steps, views):
+def check_grads(name, params):
+    """Raises RuntimeError for the first gradient of `params` a step could not use (csrc/grad_check.cpp)."""
+    _C.check_grads(name, params)
+
+
+def plan_guard(containers, params, states, scalars, views):
     """fusedopt._C.PlanGuard: `.unchanged()` is True while the containers hold the same objects and each
     param's state tensors still match it (see csrc/plan_guard.cpp)."""
-    return _C.PlanGuard(list(containers), list(params), list(states), list(steps), list(views))
+    return _C.PlanGuard(list(containers), list(params), list(states), list(scalars), list(views))
 
 
 def none_has_grad(params):

@@ -2,7 +2,7 @@
 
 The guard's per-step check compares these by object identity, in C++: the param lists of the groups,
 `optimizer.state`, each planned param's state dict (so a replaced, added or removed entry or `step` is seen),
-and each planned param with its state tensors (so an in-place `.data = ...` that leaves them unusable is seen).
+and each planned param with its state tensors and scalar state (so an in-place `.data = ...` that leaves them unusable is seen).
 """
 from . import _ops
 
@@ -10,20 +10,20 @@ from . import _ops
 class PlanSources:
     def __init__(self, optimizer):
         self.containers = [group["params"] for group in optimizer.param_groups] + [optimizer.state]
-        self.params, self.states, self.steps, self.views = [], [], [], []
+        self.params, self.states, self.scalars, self.views = [], [], [], []
 
-    def add(self, row, state, buffers, step, launch):
+    def add(self, row, state, buffers, scalars, launch):
         """Called after every state write for the row, once `launch` has added its param: the launch's last
         kernel param and last state entries are then the row's."""
         if row.keeps_state:
             self.containers.append(state)
         self.params.append(row.param)
         self.states.append(buffers)
-        self.steps.append(step)
+        self.scalars.append(scalars)
         if row.param.is_complex():  # the kernels see real views, which `.data = ...` on the source leaves stale
             self.views.append((row.param, launch.kernel_params[-1]))
             self.views += [(t, column[-1]) for t, column in zip(buffers, [c for c in launch.state_lists if c])]
 
     def guard(self):
         """A PlanGuard over everything added: `.unchanged()` holds while the plan is exact."""
-        return _ops.plan_guard(self.containers, self.params, self.states, self.steps, self.views)
+        return _ops.plan_guard(self.containers, self.params, self.states, self.scalars, self.views)

@@ -40,15 +40,15 @@ class _Launch:
         self.kernel_params = []  # what the kernel sees (real views of complex params)
         self.is_complex = []
         self.state_lists = None  # one list per state argument of the op, [] where the options use none
-        self.steps = []
-        self.fresh_state = []  # SGD: momentum buffers that torch would create from this step's gradient
+        self.scalar_lists = None  # one list per scalar state of the op (`step`, ...)
+        self.fresh_state = []  # buffers that torch would create from this step's gradient (classes that need it)
         self.group_indices = []  # param_groups index of each of this launch's groups
         self.group_ends = []
         self.host_table = self.device_table = None
         self.cached = None  # the op call with its arguments converted once (fusedopt._C.CachedCall)
         self.advances_schedule = False  # the last launch on the schedule's device advances a per-step schedule
 
-    def add(self, group_index, param, states, step, fresh):
+    def add(self, group_index, param, states, scalars, fresh):
         if not self.group_indices or self.group_indices[-1] != group_index:
             self.group_indices.append(group_index)
             self.group_ends.append(len(self.params))
@@ -61,8 +61,10 @@ class _Launch:
         for column, state in zip(self.state_lists, states):
             if state is not None:
                 column.append(real(_distributed.local(state)))
-        if step is not None:
-            self.steps.append(step)
+        if self.scalar_lists is None:
+            self.scalar_lists = [[] for _ in scalars]
+        for column, scalar in zip(self.scalar_lists, scalars):
+            column.append(scalar)
         self.fresh_state.append(int(fresh))
         self.group_ends[-1] = len(self.params)
 
@@ -80,7 +82,7 @@ class _Plan:
         self.state = optimizer.state
         self.group_params = [group["params"] for group in optimizer.param_groups]
         self.group_sizes = [len(params) for params in self.group_params]
-        self.options = [optimizer._options(group) for group in optimizer.param_groups]
+        self.options = [optimizer._option_values(group) for group in optimizer.param_groups]
         self.without_grad = [p for params in self.group_params for p in params if p.grad is None]
         self.schedule = getattr(optimizer, "_device_schedule", None)
         self.launches = []
@@ -95,7 +97,7 @@ class _Plan:
             and len(groups) == len(self.group_params)
             and all(g["params"] is params and len(params) == size
                     for g, params, size in zip(groups, self.group_params, self.group_sizes))
-            and [optimizer._options(group) for group in groups] == self.options
+            and [optimizer._option_values(group) for group in groups] == self.options
             # in C++: the param lists, optimizer.state and every planned state dict hold the same objects as
             # when the plan was built, and each state tensor still matches its param
             and self.guard.unchanged()
@@ -108,11 +110,10 @@ class _Plan:
 class FusedOptimizer(torch.optim.Optimizer):
     """Subclasses set these, and mix in the torch.optim class they replace after this one."""
 
-    _op_name: str  # the torch.ops.fusedopt op
-    _state_keys: tuple  # the op's state list arguments, as torch.optim state keys
-    _uses_step = True  # keeps a per-param `step` counter
+    _op_name: str  # the torch.ops.fusedopt op; its declaration (csrc/algorithms/) names everything else
     # How torch creates state lazily: False, a param's whole state (and `step`) while its state dict is empty,
-    # a missing key of a non-empty one raising KeyError; True (SGD), each buffer whose key is missing or None.
+    # a missing key of a non-empty one raising KeyError; True (SGD), each buffer whose key is missing or None,
+    # which the kernel then fills from this step's gradient (the op's `fresh_state`).
     _state_created_per_key = False
 
     def __init__(self, params, *args, max_grad_norm=None, **kwargs):
@@ -135,7 +136,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._grad_stats = {}  # device -> float64 [sum of squares, non-finite flag], zeroed by the kernels
         self._found_inf = {}  # device -> float32 flag the kernel writes for GradScaler.update()
         self.register_load_state_dict_post_hook(FusedOptimizer._forget_plan)
-        self._move_steps()
+        self._move_scalars()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -149,22 +150,39 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _torch_class(cls):
         return next(c for c in cls.__mro__ if c.__module__.startswith("torch.optim"))
 
-    # ---- Per-algorithm pieces (subclasses) ----
+    # ---- Per-algorithm pieces (subclasses), by the names the op's declaration gives ----
     def _options(self, group):
-        """The op's boolean options for this group: they select the compiled kernel."""
+        """{option name: bool} for this group: they select the compiled kernel."""
         raise NotImplementedError
 
     def _hyper(self, group):
-        """The group's hyperparameters in the op's slot order, lr first (see csrc/update_rules.h)."""
+        """{hyperparameter name: value} for this group, every declared one but lr (the base reads group["lr"])."""
         raise NotImplementedError
 
     def _new_state(self, param, group):
-        """Zeroed state for a param's first step, with torch.optim's keys."""
-        raise NotImplementedError
+        """Initial values of a param's state where torch does not start at zero: {state key: tensor or number}.
+        Buffers not named here start as zeros like the param, scalars other than `step` are required here."""
+        return {}
+
+    # ---- Derived from the declaration ----
+    @property
+    def _spec(self):
+        return _ops.spec(self._op_name)
+
+    def _option_values(self, group):
+        return self._spec.option_values(self, self._options(group))
 
     def _active_state_keys(self, group):
-        """_state_keys with None for the arguments these options do not use."""
-        return self._state_keys
+        """The declared state buffers, with None for those these options do not use."""
+        return self._spec.active_states(self._option_values(group))
+
+    def _new_buffers(self, param, group):
+        """Every declared buffer and scalar a param's first step creates (scalars as given, converted later)."""
+        initial = self._new_state(param, group)
+        state = {key: initial[key] if key in initial else torch.zeros_like(param, memory_format=torch.preserve_format)
+                 for key in self._spec.states}
+        state.update({key: initial[key] for key in self._spec.scalars if key != "step"})
+        return state
 
     # ---- Param groups and state ----
     def add_param_group(self, param_group):
@@ -174,45 +192,36 @@ class FusedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _forget_plan(optimizer):
         optimizer._plan = None
-        optimizer._move_steps()
+        optimizer._move_scalars()
 
-    def _move_steps(self):
-        """Every existing `step` onto its param's device: states torch creates up front (Adagrad) or loads
-        (load_state_dict with any map_location), whether or not the param gets a grad."""
+    def _move_scalars(self):
+        """Every existing scalar state (`step`, ...) onto its param's device: states torch creates up front
+        (Adagrad) or loads (load_state_dict with any map_location), whether or not the param gets a grad."""
+        if not _ops.EXTENSION_AVAILABLE:
+            return  # torch's own step runs: keep torch's layout
         for group in self.param_groups:
             for param in group["params"]:
                 state = self.state.get(param)
-                if state and "step" in state:
-                    self._step_tensor(state, param)
+                for key in self._spec.scalars if state else ():
+                    if key in state:
+                        self._scalar_tensor(state, key, param)
 
-    def _step_tensor(self, state, param):
-        """torch keeps `step` on the CPU unless fused/capturable; the kernels read it on the param's device."""
-        step = state.get("step")
-        if step is None:
-            step = torch.zeros((), dtype=torch.float32, device=param.device)
-        elif not torch.is_tensor(step) or step.device != param.device or step.dtype != torch.float32:
-            step = torch.as_tensor(step, dtype=torch.float32).to(param.device).reshape(())
-        state["step"] = step
-        return step
+    @staticmethod
+    def _scalar_tensor(state, key, param):
+        """torch keeps scalar state (`step`, NAdam's `mu_product`, ...) on the CPU unless fused/capturable, in
+        float32; the kernels read and advance it on the param's device. A missing `step` starts at zero."""
+        value = state.get(key)
+        if value is None and key == "step":
+            value = torch.zeros((), dtype=torch.float32, device=param.device)
+        elif not torch.is_tensor(value) or value.device != param.device or value.dtype != torch.float32:
+            value = torch.as_tensor(value, dtype=torch.float32).to(param.device).reshape(())
+        state[key] = value
+        return value
 
     def _check_grads(self):
         """Every grad this step would use, checked before any state is created or any launch runs."""
         name = type(self).__name__
-        supported = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128)
-        for group in self.param_groups:
-            for param in group["params"]:
-                grad = param.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{name} does not support sparse gradients")
-                if grad.shape != param.shape or grad.dtype != param.dtype or grad.device != param.device:
-                    raise RuntimeError(
-                        f"{name}: the gradient of a param of shape {tuple(param.shape)}, {param.dtype} on "
-                        f"{param.device} is {tuple(grad.shape)}, {grad.dtype} on {grad.device}"
-                    )
-                if param.dtype not in supported:
-                    raise RuntimeError(f"{name} does not support parameters of dtype {param.dtype}")
+        _ops.check_grads(name, [p for group in self.param_groups for p in group["params"]])
         _distributed.check_params(name, self)
 
     def _build_plan(self):
@@ -224,14 +233,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         for row in rows:
             param, group = row.param, self.param_groups[row.group_index]
             state = _lazy_state.create_state(self, row)
-            step = self._step_tensor(state, param) if self._uses_step else None
+            scalars = [self._scalar_tensor(state, k, param) for k in self._spec.scalars] if row.keeps_state else []
             states = [state[k] if k else None for k in row.keys]
             real_dtype = torch.view_as_real(param).dtype if param.is_complex() else param.dtype
-            key = (param.device, real_dtype, self._options(group), *_distributed.launch_key(param))
+            key = (param.device, real_dtype, self._option_values(group), *_distributed.launch_key(param))
             if key not in launches:
                 launches[key] = _Launch(param.device, key[2])
-            launches[key].add(row.group_index, param, states, step, row.fresh)
-            watched.add(row, state, [t for t in states if t is not None], step, launches[key])
+            launches[key].add(row.group_index, param, states, scalars, row.fresh)
+            watched.add(row, state, [t for t in states if t is not None], scalars, launches[key])
         plan.launches = list(launches.values())
         plan.guard = watched.guard()
         for launch in plan.launches:
@@ -255,42 +264,46 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ---- The step ----
     def _group_arguments(self, launch):
+        """The groups' hyperparameters (declaration order, lr first) and tensor lrs the kernel reads itself."""
         hyper, lrs = [], []
+        spec = self._spec
         for index in launch.group_indices:
             group = self.param_groups[index]
-            values = list(self._hyper(group))
             lr = group["lr"]
-            if torch.is_tensor(lr):
-                if lr.device == launch.device and lr.dtype in (torch.float32, torch.float64):
-                    lrs.append(lr)  # read by the kernel at launch time: no host sync, graph-capturable
-                    values[0] = 0.0
-                else:
-                    lrs.append(None)
-                    values[0] = float(lr)
+            if torch.is_tensor(lr) and lr.device == launch.device and lr.dtype in (torch.float32, torch.float64):
+                lrs.append(lr)  # read by the kernel at launch time: no host sync, graph-capturable
+                hyper.append(0.0)
             else:
                 lrs.append(None)
-                values[0] = float(lr)
-            hyper.extend(float(v) for v in values)
-            hyper.extend([0.0] * (_ops.HYPER_SLOTS - len(values)))
+                hyper.append(float(lr))
+            hyper.extend(spec.hyper_values(self, self._hyper(group)))
         return hyper, lrs
 
     def _op_arguments(self, launch, phases=UPDATE):
+        """The op's arguments, by the names of its schema (csrc/algorithm_op.h derives it from the declaration)."""
+        spec = self._spec
         grads = [_distributed.local(p.grad) for p in launch.params]
         if any(launch.is_complex):
             grads = [torch.view_as_real(g) if c else g for g, c in zip(grads, launch.is_complex)]
-        per_tensor = list(launch.state_lists)
-        per_tensor.append(launch.steps if self._uses_step else launch.fresh_state)
         hyper, lrs = self._group_arguments(launch)
         schedule = getattr(self, "_device_schedule", None)
         momenta = []
         if schedule is not None and schedule.momenta is not None:
             momenta = [schedule.momenta[index] for index in launch.group_indices]
-        scheduled = (schedule.lrs, schedule.momenta, schedule.state, schedule.program) if launch.advances_schedule \
-            else (None, None, None, None)
-        return (launch.kernel_params, grads, *per_tensor, launch.group_ends, hyper, lrs,
-                launch.host_table, launch.device_table, *launch.options,
-                momenta, None, None, None, self._grad_stats[launch.device], float(self.max_grad_norm or 0.0),
-                phases, *scheduled)
+        args = {
+            "params": launch.kernel_params, "grads": grads,
+            **dict(zip(spec.states, launch.state_lists)), **dict(zip(spec.scalars, launch.scalar_lists)),
+            "fresh_state": launch.fresh_state if self._state_created_per_key else [],
+            "group_ends": launch.group_ends, "hyper": hyper, "lrs": lrs,
+            "host_table": launch.host_table, "device_table": launch.device_table,
+            **dict(zip(spec.options, launch.options)),
+            "momenta": momenta, "grad_stats": self._grad_stats[launch.device],
+            "max_grad_norm": float(self.max_grad_norm or 0.0), "phases": phases,
+        }
+        if launch.advances_schedule:
+            args.update(schedule_lrs=schedule.lrs, schedule_momenta=schedule.momenta, schedule_state=schedule.state,
+                        schedule_program=schedule.program)
+        return args
 
     def _scaling(self, plan, grad_scaler):
         """Per device: (grad_scale, skip_if, found_inf) op arguments for this step's GradScaler, if any."""
@@ -398,7 +411,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                           REDUCE_GRADS),
                 })
             for launch in plan.launches:
-                if not self._uses_step and any(launch.fresh_state):
+                if self._state_created_per_key and any(launch.fresh_state):
                     launch.fresh_state = [0] * len(launch.params)  # torch's buffers exist from now on
                     self._cache_call(launch)
         return loss

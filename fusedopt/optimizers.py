@@ -1,62 +1,46 @@
 """The Fused* optimizers: drop-in replacements for their torch.optim namesakes.
 
 Each class takes exactly the constructor arguments of the torch.optim class it subclasses (torch validates them
-and sets the defaults), keeps the same state keys, and says per param group which compiled kernel to run
-(`_options`), which hyperparameters it reads (`_hyper`, in the slot order of csrc/update_rules.h) and how a
-param's state starts (`_new_state`).
+and sets the defaults) and keeps the same state keys. It names its op (`_op_name`); the op's declaration
+(csrc/algorithms/<name>.h, read through `fusedopt._C.algorithm_specs()`) names the hyperparameters, options,
+state buffers and scalar state. The class says, by those names, what a param group's values are (`_hyper`,
+`_options`) and how a param's state starts when torch would not start it at zero (`_new_state`).
 """
 import torch
 
 from .optimizer import FusedOptimizer
 
 
-def _zeros(param):
-    return torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
 class FusedSGD(FusedOptimizer, torch.optim.SGD):
     """torch.optim.SGD (plain, momentum, Nesterov) with one fused launch per step."""
 
     _op_name = "sgd_"
-    _state_keys = ("momentum_buffer",)
-    _uses_step = False
     _state_created_per_key = True  # torch: state.get("momentum_buffer") is None -> a buffer from this grad
 
     def _options(self, group):
         # torch checks nesterov against momentum/dampening only in the constructor's defaults; a group with
         # momentum 0 runs plain SGD whatever its nesterov says (and nesterov with dampening runs as written).
         momentum = group["momentum"] != 0
-        return (momentum, momentum and group["nesterov"], group["maximize"])
+        return {"momentum": momentum, "nesterov": momentum and group["nesterov"], "maximize": group["maximize"]}
 
     def _hyper(self, group):
-        return (group["lr"], group["momentum"], group["dampening"], group["weight_decay"])
+        return {"momentum": group["momentum"], "dampening": group["dampening"], "weight_decay": group["weight_decay"]}
 
-    def _active_state_keys(self, group):
-        return ("momentum_buffer",) if group["momentum"] != 0 else (None,)
-
-    def _new_state(self, param, group):
-        # Filled by the kernel from this step's gradient, as torch clones it.
-        return {"momentum_buffer": _zeros(param)}
+    # momentum_buffer starts as zeros and is filled by the kernel from this step's gradient, as torch clones it.
 
 
 class FusedAdam(FusedOptimizer, torch.optim.Adam):
     """torch.optim.Adam (amsgrad, maximize, decoupled_weight_decay) with one fused launch per step."""
 
     _op_name = "adam_"
-    _state_keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def _options(self, group):
-        return (group["amsgrad"], group["maximize"], group.get("decoupled_weight_decay", False))
+        return {"amsgrad": group["amsgrad"], "maximize": group["maximize"],
+                "decoupled_weight_decay": group.get("decoupled_weight_decay", False)}
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]
-        return (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-
-    def _active_state_keys(self, group):
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None)
-
-    def _new_state(self, param, group):
-        return {key: _zeros(param) for key in self._state_keys}
+        return {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "weight_decay": group["weight_decay"]}
 
 
 class FusedAdamW(FusedAdam, torch.optim.AdamW):
@@ -67,13 +51,12 @@ class FusedAdagrad(FusedOptimizer, torch.optim.Adagrad):
     """torch.optim.Adagrad with one fused launch per step."""
 
     _op_name = "adagrad_"
-    _state_keys = ("sum",)
 
     def _options(self, group):
-        return (group["maximize"],)
+        return {"maximize": group["maximize"]}
 
     def _hyper(self, group):
-        return (group["lr"], group["lr_decay"], group["weight_decay"], group["eps"])
+        return {"lr_decay": group["lr_decay"], "weight_decay": group["weight_decay"], "eps": group["eps"]}
 
     def _new_state(self, param, group):
         # torch seeds state created after construction from the constructor's value, not the group's
@@ -86,51 +69,35 @@ class FusedAdadelta(FusedOptimizer, torch.optim.Adadelta):
     """torch.optim.Adadelta with one fused launch per step."""
 
     _op_name = "adadelta_"
-    _state_keys = ("square_avg", "acc_delta")
 
     def _options(self, group):
-        return (group["maximize"],)
+        return {"maximize": group["maximize"]}
 
     def _hyper(self, group):
-        return (group["lr"], group["rho"], group["eps"], group["weight_decay"])
-
-    def _new_state(self, param, group):
-        return {key: _zeros(param) for key in self._state_keys}
+        return {"rho": group["rho"], "eps": group["eps"], "weight_decay": group["weight_decay"]}
 
 
 class FusedAdamax(FusedOptimizer, torch.optim.Adamax):
     """torch.optim.Adamax with one fused launch per step."""
 
     _op_name = "adamax_"
-    _state_keys = ("exp_avg", "exp_inf")
 
     def _options(self, group):
-        return (group["maximize"],)
+        return {"maximize": group["maximize"]}
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]
-        return (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-
-    def _new_state(self, param, group):
-        return {key: _zeros(param) for key in self._state_keys}
+        return {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "weight_decay": group["weight_decay"]}
 
 
 class FusedRMSprop(FusedOptimizer, torch.optim.RMSprop):
     """torch.optim.RMSprop (momentum, centered, maximize) with one fused launch per step."""
 
     _op_name = "rmsprop_"
-    _state_keys = ("square_avg", "momentum_buffer", "grad_avg")
 
     def _options(self, group):
-        return (group["momentum"] > 0, group["centered"], group["maximize"])
+        return {"momentum": group["momentum"] > 0, "centered": group["centered"], "maximize": group["maximize"]}
 
     def _hyper(self, group):
-        return (group["lr"], group["alpha"], group["eps"], group["weight_decay"], group["momentum"])
-
-    def _active_state_keys(self, group):
-        return ("square_avg",
-                "momentum_buffer" if group["momentum"] > 0 else None,
-                "grad_avg" if group["centered"] else None)
-
-    def _new_state(self, param, group):
-        return {key: _zeros(param) for key in self._state_keys}
+        return {"alpha": group["alpha"], "eps": group["eps"], "weight_decay": group["weight_decay"],
+                "momentum": group["momentum"]}

@@ -9,18 +9,12 @@ import fusedopt
 from fusedopt import _ops
 
 from conftest import DEVICES
+from registry import ENTRIES
 
-# One option set per compiled variant family, several param groups, awkward sizes.
-OP_CASES = [
-    (fusedopt.FusedSGD, dict(lr=0.1)),
-    (fusedopt.FusedSGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
-    (fusedopt.FusedAdam, dict(lr=0.01, amsgrad=True, weight_decay=0.1)),
-    (fusedopt.FusedAdamW, dict(lr=0.01)),
-    (fusedopt.FusedAdagrad, dict(lr=0.1, lr_decay=0.01)),
-    (fusedopt.FusedAdadelta, dict(lr=1.0)),
-    (fusedopt.FusedAdamax, dict(lr=0.01, maximize=True)),
-    (fusedopt.FusedRMSprop, dict(lr=0.01, momentum=0.9, centered=True)),
-]
+# Every registered class with its defaults and its richest option set; several param groups, awkward sizes.
+OP_CASES = [pytest.param(entry.name, entry.option_sets[opt_id], id=f"{entry.name}-{opt_id}")
+            for entry in ENTRIES for opt_id in entry.representative]
+OP_NAMES = sorted({entry.fused_cls._op_name for entry in ENTRIES}) + ["advance_schedule_"]
 
 
 def test_extension_is_loaded():
@@ -33,7 +27,7 @@ def _cuda_build_expected():
             and os.environ.get("FUSEDOPT_CPU_ONLY", "0") != "1")
 
 
-@pytest.mark.parametrize("name", _ops.OP_NAMES)
+@pytest.mark.parametrize("name", OP_NAMES)
 def test_kernels_registered_for_every_built_device(name):
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
     assert has_kernel(f"fusedopt::{name}", "CPU")
@@ -45,32 +39,37 @@ def _optimizer_with_grads(cls, options, device, dtype=torch.float32):
     generator = torch.Generator().manual_seed(0)
     shapes = [(1,), (4097,), (0, 3), (3, 5)]
     params = [torch.randn(s, generator=generator, dtype=dtype).to(device).requires_grad_() for s in shapes]
-    optimizer = cls([{"params": params[:2]}, {"params": params[2:], "lr": options["lr"] / 2}], **options)
+    lr = options.get("lr", cls._torch_class()([torch.zeros(1)]).defaults["lr"])
+    optimizer = cls([{"params": params[:2]}, {"params": params[2:], "lr": lr / 2}], **options)
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator, dtype=dtype).to(device)
     return optimizer
 
 
+def _entry(name):
+    return next(entry for entry in ENTRIES if entry.name == name)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cls,options", OP_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
-def test_opcheck(cls, options, device):
-    optimizer = _optimizer_with_grads(cls, options, device)
+@pytest.mark.parametrize("name,options", OP_CASES)
+def test_opcheck(name, options, device):
+    optimizer = _optimizer_with_grads(_entry(name).fused_cls, options, device)
     invocations = optimizer._op_invocations()
     assert len(invocations) == 1  # one launch for all groups of one device and dtype
-    op, args = invocations[0]
+    op, kwargs = invocations[0]
     # Params are leaves that require grad; the op, like torch's fused optimizer ops, runs outside autograd.
-    args = tuple([t.detach() for t in a] if isinstance(a, list) and a and torch.is_tensor(a[0]) and a[0].requires_grad
-                 else a for a in args)
-    torch.library.opcheck(op, args)
+    kwargs = {k: [t.detach() for t in a] if isinstance(a, list) and a and torch.is_tensor(a[0]) and a[0].requires_grad
+              else a for k, a in kwargs.items()}
+    torch.library.opcheck(op, (), kwargs)
 
 
 def test_lists_of_wrong_length_are_rejected_before_any_write():
     optimizer = _optimizer_with_grads(fusedopt.FusedAdam, dict(lr=0.01), "cpu")
-    op, args = optimizer._op_invocations()[0]
-    params = [p.detach().clone() for p in args[0]]
+    op, kwargs = optimizer._op_invocations()[0]
+    params = [p.detach().clone() for p in kwargs["params"]]
     with pytest.raises(RuntimeError, match="grads"):
-        op(args[0], args[1][:-1], *args[2:])
-    assert all(torch.equal(a, b) for a, b in zip(params, args[0]))
+        op(**{**kwargs, "grads": kwargs["grads"][:-1]})
+    assert all(torch.equal(a, b) for a, b in zip(params, kwargs["params"]))
 
 
 def test_table_is_rewritten_only_when_pointers_or_hyperparameters_change():

@@ -1,17 +1,21 @@
 // The CPU update kernels, explicitly vectorized with at::vec::Vectorized (the abstraction of torch's own fused
-// CPU kernels). setup.py compiles this file once per instruction set, each time with CPU_CAPABILITY set to the
-// variant's name (DEFAULT, AVX2, AVX512), the matching CPU_CAPABILITY_<name> macro and compiler flags, exactly as
-// ATen builds its kernels; csrc/cpu_step.cpp picks the variant at run time.
+// CPU kernels). setup.py compiles this file once per algorithm and instruction set (a generated translation unit
+// that includes the algorithm's header, then this one), each time with CPU_CAPABILITY set to the variant's name
+// (DEFAULT, AVX2, AVX512), the matching CPU_CAPABILITY_<name> macro and compiler flags, exactly as ATen builds
+// its kernels; csrc/cpu_dispatch.cpp picks the variant at run time.
 //
 // Everything this file defines lives in the inline namespace fusedopt::cpu::<CPU_CAPABILITY>, and the only
 // functions it instantiates take at::vec::<CPU_CAPABILITY>::Vectorized arguments or are defined in that
 // namespace, so no inline function compiled here with AVX-512 flags can stand in, at link time, for the baseline
 // copy of the same function (setup.py's comment says how that is checked). Keep the includes minimal: no
 // at::Tensor, no ATen operators.
+#pragma once
+
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <type_traits>
+#include <utility>
 
 #include "cpu_kernels.h"
 
@@ -117,29 +121,29 @@ void register_one() {
   UpdateKernels<scalar_t, Rule>::by_variant[kThisVariant] = &update_range<scalar_t, Rule>;
 }
 
-// Every combination of a rule template's flags, for every storage dtype.
-template <template <typename, bool...> class Rule, int kFlags, bool... kChosen>
-void register_flag_combinations() {
-  if constexpr (sizeof...(kChosen) == kFlags) {
-    register_one<float, Rule<float, kChosen...>>();
-    register_one<double, Rule<double, kChosen...>>();
-    register_one<c10::BFloat16, Rule<float, kChosen...>>();
-    register_one<c10::Half, Rule<float, kChosen...>>();
-  } else {
-    register_flag_combinations<Rule, kFlags, kChosen..., false>();
-    register_flag_combinations<Rule, kFlags, kChosen..., true>();
-  }
+// One option combination, for every storage dtype.
+template <class A, uint32_t kMask>
+void register_dtypes() {
+  register_one<float, typename A::template Rule<float, kMask>>();
+  register_one<double, typename A::template Rule<double, kMask>>();
+  register_one<c10::BFloat16, typename A::template Rule<float, kMask>>();
+  register_one<c10::Half, typename A::template Rule<float, kMask>>();
 }
 
-template <template <typename, bool...> class Rule, int kFlags>
-void register_family(RuleFamily<Rule, kFlags>) {
-  register_flag_combinations<Rule, kFlags>();
+template <class A, uint32_t... kMasks>
+void register_masks(std::integer_sequence<uint32_t, kMasks...>) {
+  (register_dtypes<A, kMasks>(), ...);
 }
 
-// Called by csrc/cpu_step.cpp, only on a CPU with this variant's instruction set.
+// Every kernel of algorithm A in this variant. csrc/cpu_dispatch.cpp calls it (through the registrar
+// csrc/algorithm_op.h adds) only on a CPU with this variant's instruction set.
+template <class A>
 void register_update_kernels() {
-  for_each_rule_family([](auto family) { register_family(family); });
+  register_masks<A>(std::make_integer_sequence<uint32_t, (1u << A::kOptions.size())>{});
 }
+
+// The one instantiation this translation unit exists for.
+template void register_update_kernels<ThisAlgorithm>();
 
 }  // namespace CPU_CAPABILITY
 }  // namespace fusedopt::cpu

@@ -1,3 +1,0 @@
-#include "cuda_step.cuh"
-
-FUSEDOPT_REGISTER_CUDA(adadelta_)

@@ -1,0 +1,119 @@
+// The CPU runner: one parallel region over the same (tensor, chunk) work items the CUDA grid walks, calling the
+// explicitly vectorized update kernel (csrc/cpu/update_kernels.h) of the best instruction set this CPU has
+// (csrc/cpu_dispatch.cpp). Instantiated by each algorithm's registration (csrc/algorithm_op.h), for the
+// baseline CPU.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "lr_schedule.h"
+#include "ops.h"
+
+namespace fusedopt::cpu {
+
+template <typename scalar_t, typename Rule>
+UpdateFn<scalar_t, Rule> update_kernel() {
+  const UpdateFn<scalar_t, Rule> fn = UpdateKernels<scalar_t, Rule>::by_variant[active_variant()];
+  TORCH_CHECK(fn != nullptr, "fusedopt: no CPU kernel for this update rule ");
+  return fn;
+}
+
+// Storage -> math conversion for the (scalar) grad reduction. c10's bfloat16 conversion is one shift already;
+// spelled out so the loop vectorizes whatever the compiler.
+template <typename T, typename scalar_t>
+inline T to_math(scalar_t v) {
+  return T(v);
+}
+template <>
+inline float to_math<float, c10::BFloat16>(c10::BFloat16 v) {
+  return c10::bit_cast<float>(uint32_t(v.x) << 16);
+}
+
+// Sum of squares (in double) and non-finite flag of grad elements [begin, end).
+template <typename scalar_t>
+void reduce_range(const TensorEntry& e, int64_t begin, int64_t end, double& sum_sq, bool& nonfinite) {
+  using T = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ grad = static_cast<const scalar_t*>(e.grad);
+  double sum = 0.0;
+  bool bad = false;
+  for (int64_t i = begin; i < end; ++i) {
+    const T g = to_math<T>(grad[i]);
+    bad |= is_nonfinite(g);
+    sum += double(g) * double(g);
+  }
+  sum_sq = sum;
+  nonfinite = bad;
+}
+
+// Below this many elements a single thread is faster than waking the pool.
+constexpr int64_t kSerialBelow = 1 << 16;
+
+struct CpuRunner {
+  template <typename scalar_t, typename Rule>
+  static void run(PreparedStep& prepared) {
+    using T = typename Rule::opmath_t;
+    const TableView table = prepared.host;
+    const TableHeader& header = table.header();
+    const StepArgs& args = prepared.args;  // the per-call values (phases, scaler, clipping, schedule)
+    const int64_t num_chunks = header.num_chunks;
+    // body(entry, start, stop, chunk) for every chunk, in parallel where it pays off.
+    auto for_each_chunk = [&](auto&& body) {
+      auto work = [&](int64_t begin, int64_t end) {
+        if (begin >= end) return;
+        int64_t t = table.tensor_of_chunk(begin);
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          while (table.first_chunk()[t + 1] <= chunk) ++t;
+          const TensorEntry& entry = table.tensors()[t];
+          const int64_t start = (chunk - table.first_chunk()[t]) * kChunkSize;
+          body(entry, start, std::min(start + kChunkSize, entry.numel), chunk);
+        }
+      };
+      if (header.total_numel < kSerialBelow) {
+        work(0, num_chunks);
+      } else {
+        at::parallel_for(0, num_chunks, 1, work);
+      }
+    };
+
+    if (args.phases & kReduceGrads) {
+      // Per-chunk partial sums added in chunk order: the result does not depend on the thread count.
+      std::vector<double> sums(num_chunks);
+      std::vector<char> nonfinite(num_chunks);
+      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk) {
+        bool bad = false;
+        reduce_range<scalar_t>(entry, start, stop, sums[chunk], bad);
+        nonfinite[chunk] = bad;
+      });
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+        args.grad_stats[0] += sums[chunk];
+        if (nonfinite[chunk]) args.grad_stats[1] += 1.0;
+      }
+    }
+    if (!(args.phases & kUpdate)) return;
+
+    const double no_stats[kGradStats] = {0.0, 0.0};
+    const GradAdjustment adjust = grad_adjustment(args, args.grad_stats ? args.grad_stats : no_stats);
+    if (!adjust.skip) {
+      const T grad_factor = T(adjust.factor);
+      const UpdateFn<scalar_t, Rule> update = update_kernel<scalar_t, Rule>();
+      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t) {
+        update(entry, table.rule_for<Rule>(entry), grad_factor, start, stop);
+      });
+      // Only after every chunk has read the scalar state and lr, and before the schedule changes the lr.
+      for (int64_t t = 0; t < header.num_tensors; ++t) table.store_scalars<typename Rule::Algorithm>(t);
+      const ScheduleArgs& schedule = args.schedule;
+      for (int64_t g = 0; g < schedule.groups; ++g) {
+        advance_schedule(schedule.program + g * schedule.program_stride, schedule.state + g * schedule.state_stride,
+                         schedule.lrs + g, schedule.momenta ? schedule.momenta + g : nullptr, nullptr);
+      }
+    }
+    if (args.found_inf != nullptr) *args.found_inf = adjust.skip ? 1.0f : 0.0f;
+    if (args.phases & kResetStats) std::fill_n(args.grad_stats, kGradStats, 0.0);
+  }
+};
+
+}  // namespace fusedopt::cpu

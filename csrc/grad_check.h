@@ -1,0 +1,22 @@
+// The one check of whether a gradient can update its param, used everywhere a gradient is read: before a launch
+// plan creates any state (fusedopt._C.check_grads), before every cached call runs (CachedCall::grads_ready) and
+// by the op itself (ops.cpp). One function, so the three can never disagree about what a usable gradient is.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace pybind11 {
+class module_;
+}
+
+namespace fusedopt {
+
+// fusedopt._C.check_grads(name, params).
+void register_grad_check(pybind11::module_& m);
+
+// Empty when `grad` can update `param` (dense, same shape, dtype and device); otherwise why not.
+std::string grad_problem(const at::Tensor& param, const at::Tensor& grad);
+
+}  // namespace fusedopt
