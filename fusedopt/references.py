@@ -67,15 +67,13 @@ class _Reference(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
 
-    def _params_with_grad(self, group):
-        out = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            out.append(p)
-        return out
+    def _params_with_grad_by_group(self):
+        """Each group's params that have a grad. Every grad is checked before any update, so a sparse grad in
+        a later group raises with nothing written."""
+        by_group = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        if any(p.grad.is_sparse for params in by_group for p in params):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        return by_group
 
     def _state(self, param):
         state = self.state[param]
@@ -146,10 +144,11 @@ class Lion(_Reference):
         super().__init__(params, defaults)
 
     def _step(self):
-        for group in self.param_groups:
+        by_group = self._params_with_grad_by_group()
+        for group, params in zip(self.param_groups, by_group):
             beta1, beta2 = group["betas"]
             lr, weight_decay = _as_float(group["lr"]), group["weight_decay"]
-            for param in self._params_with_grad(group):
+            for param in params:
                 state = self._state(param)
                 state["step"] += 1
                 grad = -param.grad if group["maximize"] else param.grad
@@ -241,7 +240,7 @@ class LAMB(_Reference):
         return torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
 
     def _step(self):
-        by_group = [self._params_with_grad(group) for group in self.param_groups]
+        by_group = self._params_with_grad_by_group()
         clip = self._clip_factor([p for params in by_group for p in params])
         for group, params in zip(self.param_groups, by_group):
             beta1, beta2 = group["betas"]
