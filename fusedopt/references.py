@@ -129,9 +129,10 @@ class Lion(_Reference):
     tensor on the param's device). Lion's update does not use ``step``; it is counted as every torch.optim
     optimizer counts it, so checkpoints and schedules see the same state layout.
 
-    Differences from other implementations: lucidrains' ``lion-pytorch`` and ``pytorch-optimizer`` compute
-    the same update (the former keeps no ``step``); Google's reference (optax) applies the weight decay to
-    the update rather than to the param before it, which is the same product :math:`\gamma\lambda\theta`.
+    Other implementations: ``lion-pytorch`` (``use_triton=False``), ``pytorch-optimizer``
+    (``weight_decouple=True``) and ``torch-optimi`` (``kahan_sum=False``) compute the same update;
+    ``tests/test_references.py`` checks this in float64 for every option set (``lion-pytorch`` and
+    ``torch-optimi`` have no ``maximize`` and keep no ``step``).
     """
 
     _state_buffers = ("exp_avg",)
@@ -209,9 +210,11 @@ class LAMB(_Reference):
       with ``torch.nn.utils.clip_grad_norm_`` before ``step()`` modifies them in place; set
       ``max_grad_norm=None`` when doing that.) fusedopt's fused classes leave ``.grad`` unclipped too.
     - apex counts one ``step`` per param group; here every param has its own ``step``, as in torch.optim.
-    - The original paper (v5) uses a clipped norm function :math:`\phi(\lVert\theta\rVert)` and no bias
-      correction in some variants; ``pytorch-optimizer``'s and ``torch-optimi``'s LAMB differ in such
-      details (see ``tests/test_references.py`` for the cross-checks).
+    - The paper scales the trust ratio's numerator by a function :math:`\phi(\lVert\theta\rVert)`;
+      apex and this class use :math:`\phi(x) = x`. ``pytorch-optimizer``'s ``Lamb`` clamps it at 10,
+      corrects the bias of the first moment through the step size, leaves the second moment uncorrected
+      and adds eps to the trust ratio's denominator and the clipping norm; with its lr and eps rescaled
+      per step it agrees with this class to about eps (``tests/test_references.py``).
     """
 
     _state_buffers = ("exp_avg", "exp_avg_sq")
