@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The references of the algorithms torch.optim lacks (Lion, LAMB). fusedopt's import never fails (without the
+# compiled extension it warns and falls back), and references.py needs nothing but torch, so importing it here
+# cannot break collection; the error cases below need the classes at import time anyway.
+from fusedopt import references
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -232,6 +237,179 @@ ENTRIES = (
         # centered: sqrt(square_avg - grad_avg**2) cancels catastrophically when the grad barely varies
         ill_conditioned=("centered",),
     ),
+    Entry(
+        name="nadam",
+        fused_name="FusedNAdam",
+        torch_cls=torch.optim.NAdam,
+        option_sets={
+            "defaults": {},
+            "lr": {"lr": 1e-2},
+            "betas_eps": {"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6},
+            # a large momentum_decay moves mu_t = beta1 (1 - 0.96^(t psi) / 2) visibly within 50 steps
+            "momentum_decay": {"lr": 1e-2, "momentum_decay": 0.1},
+            "no_momentum_decay": {"lr": 1e-2, "momentum_decay": 0.0},
+            "weight_decay": {"lr": 1e-2, "weight_decay": 0.1},
+            "decoupled_weight_decay": {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True},
+            "maximize": {"lr": 1e-2, "maximize": True},
+            "wd_maximize": {"lr": 1e-2, "weight_decay": 0.05, "momentum_decay": 0.02, "maximize": True},
+            "all_options": {
+                "lr": 1e-2, "betas": (0.85, 0.95), "eps": 1e-6, "weight_decay": 0.05, "momentum_decay": 0.01,
+                "decoupled_weight_decay": True, "maximize": True,
+            },
+        },
+        group_overrides=(
+            {"lr": 3e-3, "betas": (0.5, 0.6), "momentum_decay": 0.1},
+            {"weight_decay": 0.2, "decoupled_weight_decay": True, "eps": 1e-4},
+        ),
+        representative=("defaults", "all_options"),
+        bad_kwargs=_COMMON_BAD + _NAN_LR + (
+            {"eps": -1e-8},
+            {"betas": (1.0, 0.999)},
+            {"betas": (0.9, 1.0)},
+            {"weight_decay": -0.1},
+            {"momentum_decay": -0.1},
+        ),
+        state_keys=frozenset({"step", "mu_product", "exp_avg", "exp_avg_sq"}),
+    ),
+    Entry(
+        name="radam",
+        fused_name="FusedRAdam",
+        torch_cls=torch.optim.RAdam,
+        # Every beta2 >= 0.9 here takes the un-rectified branch (rho_t <= 5) on steps 1-5 and the rectified
+        # one from step 6 (beta2 = 0.8: from step 7); beta2 <= 0.6 gives rho_inf <= 4: never rectified.
+        option_sets={
+            "defaults": {},
+            "lr": {"lr": 1e-2},
+            "betas_eps": {"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6},
+            "betas_slow_rect": {"lr": 1e-2, "betas": (0.9, 0.8)},
+            "never_rectified": {"lr": 1e-2, "betas": (0.9, 0.5)},
+            "weight_decay": {"lr": 1e-2, "weight_decay": 0.1},
+            "decoupled_weight_decay": {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True},
+            "maximize": {"lr": 1e-2, "maximize": True},
+            "wd_maximize": {"lr": 1e-2, "weight_decay": 0.05, "maximize": True},
+            "all_options": {
+                "lr": 1e-2, "betas": (0.85, 0.99), "eps": 1e-6, "weight_decay": 0.05,
+                "decoupled_weight_decay": True, "maximize": True,
+            },
+        },
+        group_overrides=(
+            {"lr": 3e-3, "betas": (0.5, 0.6)},
+            {"weight_decay": 0.2, "decoupled_weight_decay": True, "eps": 1e-4},
+        ),
+        representative=("defaults", "all_options"),
+        bad_kwargs=_COMMON_BAD + _NAN_LR + (
+            {"eps": -1e-8},
+            {"betas": (1.0, 0.999)},
+            {"betas": (0.9, 1.0)},
+            {"weight_decay": -0.1},
+        ),
+        state_keys=frozenset({"step", "exp_avg", "exp_avg_sq"}),
+    ),
+    Entry(
+        name="rprop",
+        fused_name="FusedRprop",
+        torch_cls=torch.optim.Rprop,
+        option_sets={
+            "defaults": {},
+            "lr": {"lr": 0.05},
+            "etas": {"etas": (0.3, 1.5)},
+            # lr 0.01 -> one decrease reaches the minimum, one increase the maximum: both clamps are hit
+            "step_sizes": {"lr": 0.01, "step_sizes": (0.005, 0.012)},
+            "maximize": {"maximize": True},
+            "all_options": {"lr": 0.02, "etas": (0.4, 1.3), "step_sizes": (0.008, 0.03), "maximize": True},
+        },
+        # torch seeds each param's step_size from its group's lr when the state is created
+        group_overrides=({"lr": 0.03, "etas": (0.6, 1.1)}, {"step_sizes": (1e-4, 0.02), "maximize": True}),
+        representative=("defaults", "all_options"),
+        bad_kwargs=_COMMON_BAD + _NAN_LR + (
+            {"etas": (1.0, 1.2)},
+            {"etas": (0.0, 1.2)},
+            {"etas": (0.5, 1.0)},
+            {"etas": (1.2, 0.5)},
+        ),
+        state_keys=frozenset({"step", "prev", "step_size"}),
+    ),
+    Entry(
+        name="asgd",
+        fused_name="FusedASGD",
+        torch_cls=torch.optim.ASGD,
+        # With the default t0 = 1e6, mu stays 1 and ax is a copy of the param; t0 = 3 (mu = 1 / (t - 1 - t0)
+        # from step t0 + 3 = 6 on) and 2.5 (a non-integer t0) reach the averaging branch in a 50-step run. A
+        # lambd far above the default 1e-4 makes eta = lr / (1 + lambd lr t)^alpha and the decay visible.
+        option_sets={
+            "defaults": {},
+            "lr": {"lr": 0.05},
+            "lambd": {"lambd": 0.5},
+            "alpha": {"lambd": 0.5, "alpha": 0.5},
+            "t0": {"t0": 3},
+            "weight_decay": {"weight_decay": 0.1},
+            "maximize": {"maximize": True},
+            "all_options": {
+                "lr": 0.05, "lambd": 0.3, "alpha": 0.6, "t0": 2.5, "weight_decay": 0.05, "maximize": True,
+            },
+        },
+        # torch seeds each param's eta from its group's lr when the state is created
+        group_overrides=({"lr": 0.03, "t0": 5, "alpha": 0.9}, {"lambd": 0.1, "weight_decay": 0.2, "t0": 0}),
+        representative=("defaults", "all_options"),
+        bad_kwargs=_COMMON_BAD + _NAN_LR + (
+            {"weight_decay": -0.1},
+        ),
+        state_keys=frozenset({"step", "eta", "mu", "ax"}),
+    ),
+    Entry(
+        name="lion",
+        fused_name="FusedLion",
+        torch_cls=references.Lion,
+        option_sets={
+            "defaults": {},
+            "lr": {"lr": 1e-3},
+            "betas": {"lr": 1e-3, "betas": (0.5, 0.9)},
+            "weight_decay": {"lr": 1e-3, "weight_decay": 0.5},
+            "maximize": {"lr": 1e-3, "maximize": True},
+            "all_options": {"lr": 1e-3, "betas": (0.8, 0.95), "weight_decay": 0.1, "maximize": True},
+        },
+        group_overrides=({"lr": 3e-3, "betas": (0.95, 0.98)}, {"weight_decay": 0.3, "maximize": True}),
+        representative=("defaults", "all_options"),
+        bad_kwargs=_COMMON_BAD + _NAN_LR + (
+            {"betas": (1.0, 0.99)},
+            {"betas": (-0.1, 0.99)},
+            {"betas": (0.9, 1.0)},
+            {"weight_decay": -0.1},
+        ),
+        state_keys=frozenset({"step", "exp_avg"}),
+    ),
+    Entry(
+        name="lamb",
+        fused_name="FusedLAMB",
+        torch_cls=references.LAMB,
+        # max_grad_norm (default 1.0) is a constructor option, not a param-group entry: the clipping is global.
+        option_sets={
+            "defaults": {},
+            "lr": {"lr": 1e-2},
+            "betas_eps": {"lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-4},
+            "no_weight_decay": {"lr": 1e-2, "weight_decay": 0.0},
+            "weight_decay": {"lr": 1e-2, "weight_decay": 0.1},
+            "no_clipping": {"lr": 1e-2, "max_grad_norm": None},
+            "loose_clipping": {"lr": 1e-2, "max_grad_norm": 1e6},  # the factor is computed and is 1
+            "maximize": {"lr": 1e-2, "maximize": True},
+            "all_options": {
+                "lr": 1e-2, "betas": (0.85, 0.95), "eps": 1e-5, "weight_decay": 0.05, "max_grad_norm": 5.0,
+                "maximize": True,
+            },
+        },
+        group_overrides=({"lr": 3e-3, "betas": (0.5, 0.6)}, {"weight_decay": 0.0, "eps": 1e-3, "maximize": True}),
+        representative=("defaults", "all_options"),
+        bad_kwargs=_COMMON_BAD + _NAN_LR + (
+            {"eps": -1e-8},
+            {"betas": (1.0, 0.999)},
+            {"betas": (0.9, 1.0)},
+            {"weight_decay": -0.1},
+            {"max_grad_norm": -1.0},
+            {"max_grad_norm": float("nan")},
+            {"max_grad_norm": float("inf")},
+        ),
+        state_keys=frozenset({"step", "exp_avg", "exp_avg_sq"}),
+    ),
 )
 
 ENTRY_BY_NAME = {e.name: e for e in ENTRIES}
@@ -283,7 +461,7 @@ def _torch_raises(entry, kwargs, make_params):
         entry.torch_cls(params, **kwargs)
     except Exception as e:  # noqa: BLE001 - we record whatever torch raises
         return type(e), "^" + re.escape(str(e)) + "$"
-    raise AssertionError(f"torch.optim.{entry.torch_cls.__name__} accepted {kwargs}; fix the registry")
+    raise AssertionError(f"{entry.torch_cls.__module__}.{entry.torch_cls.__name__} accepted {kwargs}; fix the registry")
 
 
 def error_cases(entry):
