@@ -120,7 +120,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if kwargs.get("differentiable", False):
             raise RuntimeError(
                 f"{type(self).__name__} does not support differentiable=True: its fused kernels are not "
-                f"differentiable; use torch.optim.{self._torch_class().__name__}(differentiable=True)"
+                f"differentiable; use {self._reference_name()}(differentiable=True)"
             )
         if max_grad_norm is not None and not (
             isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
@@ -148,7 +148,17 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def _torch_class(cls):
-        return next(c for c in cls.__mro__ if c.__module__.startswith("torch.optim"))
+        """The class this one replaces: a torch.optim class, or a plain-PyTorch reference (fusedopt.references)
+        for algorithms torch.optim lacks."""
+        return next(c for c in cls.__mro__ if issubclass(c, torch.optim.Optimizer)
+                    and not issubclass(c, FusedOptimizer) and c is not torch.optim.Optimizer)
+
+    @classmethod
+    def _reference_name(cls):
+        """How users import the replaced class: torch.optim.Adam, fusedopt.references.Lion."""
+        reference = cls._torch_class()
+        module = "torch.optim" if reference.__module__.startswith("torch.optim") else reference.__module__
+        return f"{module}.{reference.__name__}"
 
     # ---- Per-algorithm pieces (subclasses), by the names the op's declaration gives ----
     def _options(self, group):

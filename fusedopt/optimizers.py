@@ -101,3 +101,9 @@ class FusedRMSprop(FusedOptimizer, torch.optim.RMSprop):
     def _hyper(self, group):
         return {"alpha": group["alpha"], "eps": group["eps"], "weight_decay": group["weight_decay"],
                 "momentum": group["momentum"]}
+
+
+# Every Fused* class defined above, exported by the fusedopt package.
+__all__ = sorted(name for name, value in list(globals().items())
+                 if name.startswith("Fused") and isinstance(value, type) and issubclass(value, FusedOptimizer)
+                 and value is not FusedOptimizer)
