@@ -78,6 +78,36 @@ C10_HOST_DEVICE inline V abs_of(const V& x) {
   }
 }
 
+// Per-element conditions, for rules that branch per element (Rprop's sign test, Lion's sign): a condition is a
+// bool for a scalar V and a lane mask (all bits set where true) for a Vectorized V; select() takes either.
+template <typename V>
+C10_HOST_DEVICE inline auto greater(const V& a, const V& b) {
+  return a > b;
+}
+template <typename V>
+C10_HOST_DEVICE inline auto less(const V& a, const V& b) {
+  return a < b;
+}
+template <typename V>
+C10_HOST_DEVICE inline auto equal(const V& a, const V& b) {
+  return a == b;
+}
+template <typename V, typename Condition>
+C10_HOST_DEVICE inline V select(const Condition& condition, const V& if_true, const V& if_false) {
+  if constexpr (kIsScalar<V>) {
+    return condition ? if_true : if_false;
+  } else {
+    return V::blendv(if_false, if_true, condition);
+  }
+}
+
+// torch.sign: 1, -1, or 0 for zero and for NaN (torch computes (0 < x) - (x < 0)).
+template <typename V>
+C10_HOST_DEVICE inline V sign_of(const V& x) {
+  const V zero(0);
+  return select(greater(x, zero), V(1), select(less(x, zero), V(-1), zero));
+}
+
 // a * b rounded on its own, never contracted into an FMA with a following add: where torch runs the product
 // and the sum as two kernels (buf.mul_(momentum).add_(grad)), nvcc would otherwise fuse them and the fp32 result
 // would drift by an ulp per step. Host compilers do not contract across these expressions (ISO C++ mode, which
