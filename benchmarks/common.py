@@ -21,7 +21,8 @@ RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 @dataclass(frozen=True)
 class OptSpec:
-    """One benchmarked configuration of a torch.optim algorithm (fusedopt's class is 'Fused' + torch_name)."""
+    """One benchmarked configuration of an algorithm: torch_name is its torch.optim class, or for the algorithms
+    torch.optim lacks (Lion, LAMB) its reference in fusedopt.references; fusedopt's class is 'Fused' + torch_name."""
     torch_name: str
     kwargs: dict = field(default_factory=dict)
 
@@ -39,6 +40,12 @@ OPTIMIZERS: dict[str, OptSpec] = {
     "adamax": OptSpec("Adamax", dict(lr=2e-3)),
     "rmsprop": OptSpec("RMSprop", dict(lr=1e-2)),
     "rmsprop_centered": OptSpec("RMSprop", dict(lr=1e-2, momentum=0.9, centered=True)),
+    "nadam": OptSpec("NAdam", dict(lr=2e-3)),
+    "radam": OptSpec("RAdam", dict(lr=1e-3)),
+    "rprop": OptSpec("Rprop", dict(lr=1e-2)),
+    "asgd": OptSpec("ASGD", dict(lr=1e-2)),
+    "lion": OptSpec("Lion", dict(lr=1e-4)),
+    "lamb": OptSpec("LAMB", dict(lr=1e-3)),
 }
 
 # Minimum memory traffic of one step, in arrays of the parameter's size read and written per element.
@@ -56,11 +63,18 @@ OPTIMIZERS: dict[str, OptSpec] = {
 #   RMSprop     p, g, square_avg             p, square_avg          5       20           10
 #   + momentum  + momentum_buffer            + momentum_buffer      +2      +8           +4
 #   + centered  + grad_avg                   + grad_avg             +2      +8           +4
+#   NAdam/RAdam p, g, exp_avg, exp_avg_sq    p, exp_avg, exp_avg_sq 7       28           14
+#   Rprop       p, g, prev, step_size        p, prev, step_size     7       28           14
+#   ASGD        p, g, ax                     p, ax                  5       20           10
+#   Lion        p, g, exp_avg                p, exp_avg             5       20           10
+#   LAMB        p, g, exp_avg, exp_avg_sq    p, exp_avg, exp_avg_sq 7       28           14   (one-pass bound;
+#               the trust ratio needs whole-tensor norms first, so a fused step reads p, m, v twice: 10 arrays)
 #   add_ (ref.) a, b                         a                      3       12           6
 #
 # Bytes assume optimizer state in the parameter dtype, as torch.optim keeps it.
 BASE_ARRAYS = {"SGD": (2, 1), "Adam": (4, 3), "AdamW": (4, 3), "Adagrad": (3, 2), "Adadelta": (4, 3),
-               "Adamax": (4, 3), "RMSprop": (3, 2)}
+               "Adamax": (4, 3), "RMSprop": (3, 2), "NAdam": (4, 3), "RAdam": (4, 3), "Rprop": (4, 3),
+               "ASGD": (3, 2), "Lion": (3, 2), "LAMB": (4, 3)}
 OPTION_ARRAYS = {"momentum": (1, 1), "amsgrad": (1, 1), "centered": (1, 1)}  # added when the option is truthy
 ADD_ARRAYS = 3
 
@@ -90,16 +104,29 @@ TORCH_IMPLS = [name for name, (src, _) in IMPLS.items() if src == "torch"]
 
 
 def optimizer_class(torch_name: str, source: str):
+    """fusedopt's class, or torch.optim's; for an algorithm torch.optim lacks, fusedopt's plain-PyTorch reference
+    stands in for torch (it is a single-tensor for-loop, so it has no foreach/fused variants)."""
     if source == "fusedopt":
         import fusedopt  # imported late so torch-only code paths work while the package is being built
         return getattr(fusedopt, "Fused" + torch_name)
-    return getattr(torch.optim, torch_name)
+    if hasattr(torch.optim, torch_name):
+        return getattr(torch.optim, torch_name)
+    from fusedopt import references
+    return getattr(references, torch_name)
+
+
+def _is_reference(cls) -> bool:
+    return cls.__module__.startswith("fusedopt.references")
 
 
 def make_optimizer(spec: OptSpec, impl: str, params, **overrides):
     """Build `spec` with implementation `impl` over `params` (tensors or param-group dicts)."""
     source, flags = IMPLS[impl]
-    return optimizer_class(spec.torch_name, source)(params, **{**spec.kwargs, **flags, **overrides})
+    cls = optimizer_class(spec.torch_name, source)
+    if _is_reference(cls):
+        # the reference is the for-loop; asking it for foreach/fused raises TypeError ("–" in the tables)
+        flags = {} if flags == {"foreach": False} else flags
+    return cls(params, **{**spec.kwargs, **flags, **overrides})
 
 
 def probe(spec: OptSpec, impl: str, device, dtype) -> str | None:
