@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#include <optional>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -49,6 +51,42 @@ void reduce_range(const TensorEntry& e, int64_t begin, int64_t end, double& sum_
   nonfinite = bad;
 }
 
+// A rule is a pure function of its tensor's group, scalar state (`step`, ...) and fresh flag (RuleInputs), and
+// consecutive tensors usually share all three: reuse the last rule built instead of paying its pow() calls for
+// every small tensor. Scalars are compared bit for bit, so a NaN step still matches itself.
+template <typename Rule>
+class RuleCache {
+ public:
+  explicit RuleCache(const TableView& table) : table_(table) {}
+
+  const Rule& operator()(const TensorEntry& entry) {
+    if (!rule_.has_value() || !same_inputs(entry)) {
+      rule_.emplace(table_.rule_for<Rule>(entry));
+      group_ = entry.group;
+      fresh_ = entry.fresh_state;
+      for (size_t k = 0; k < kScalars; ++k) std::memcpy(&scalars_[k], entry.scalars[k], sizeof(float));
+    }
+    return *rule_;
+  }
+
+ private:
+  static constexpr size_t kScalars = Rule::Algorithm::kScalars.size();
+
+  bool same_inputs(const TensorEntry& entry) const {
+    if (entry.group != group_ || entry.fresh_state != fresh_) return false;
+    for (size_t k = 0; k < kScalars; ++k) {
+      if (std::memcmp(&scalars_[k], entry.scalars[k], sizeof(float)) != 0) return false;
+    }
+    return true;
+  }
+
+  TableView table_;
+  std::optional<Rule> rule_;
+  int32_t group_ = -1;
+  int32_t fresh_ = 0;
+  float scalars_[kScalars > 0 ? kScalars : 1] = {};
+};
+
 // Below this many elements a single thread is faster than waking the pool.
 constexpr int64_t kSerialBelow = 1 << 16;
 
@@ -60,16 +98,18 @@ struct CpuRunner {
     const TableHeader& header = table.header();
     const StepArgs& args = prepared.args;  // the per-call values (phases, scaler, clipping, schedule)
     const int64_t num_chunks = header.num_chunks;
-    // body(entry, start, stop, chunk) for every chunk, in parallel where it pays off.
+    // body(entry, start, stop, chunk, rules) for every chunk, in parallel where it pays off; `rules` is the
+    // calling thread's RuleCache.
     auto for_each_chunk = [&](auto&& body) {
       auto work = [&](int64_t begin, int64_t end) {
         if (begin >= end) return;
+        RuleCache<Rule> rules(table);
         int64_t t = table.tensor_of_chunk(begin);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
           while (table.first_chunk()[t + 1] <= chunk) ++t;
           const TensorEntry& entry = table.tensors()[t];
           const int64_t start = (chunk - table.first_chunk()[t]) * kChunkSize;
-          body(entry, start, std::min(start + kChunkSize, entry.numel), chunk);
+          body(entry, start, std::min(start + kChunkSize, entry.numel), chunk, rules);
         }
       };
       if (header.total_numel < kSerialBelow) {
@@ -83,7 +123,7 @@ struct CpuRunner {
       // Per-chunk partial sums added in chunk order: the result does not depend on the thread count.
       std::vector<double> sums(num_chunks);
       std::vector<char> nonfinite(num_chunks);
-      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk) {
+      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk, RuleCache<Rule>&) {
         bool bad = false;
         reduce_range<scalar_t>(entry, start, stop, sums[chunk], bad);
         nonfinite[chunk] = bad;
@@ -100,8 +140,8 @@ struct CpuRunner {
     if (!adjust.skip) {
       const T grad_factor = T(adjust.factor);
       const UpdateFn<scalar_t, Rule> update = update_kernel<scalar_t, Rule>();
-      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t) {
-        update(entry, table.rule_for<Rule>(entry), grad_factor, start, stop);
+      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t, RuleCache<Rule>& rules) {
+        update(entry, rules(entry), grad_factor, start, stop);
       });
       // Only after every chunk has read the scalar state and lr, and before the schedule changes the lr.
       for (int64_t t = 0; t < header.num_tensors; ++t) table.store_scalars<typename Rule::Algorithm>(t);
