@@ -13,6 +13,11 @@
 //   kScalars  per-param scalar state kept as 1-element float32 tensors on the param's device (torch's `step`,
 //             NAdam's `mu_product`, ...): read by every chunk of a launch and advanced once, after all reads
 //   kMomentum the hyperparameter a cycling schedule (OneCycleLR, CyclicLR) drives on the device, or ""
+//   kTensorSums (optional) names of per-tensor sums the update needs before it starts (LAMB's trust ratio
+//             needs ||param||^2 and ||update||^2 of each tensor): the kernels first evaluate the rule's
+//             tensor_terms(param, grad, state copy, terms) on every element, without storing anything, sum
+//             each term per tensor (in double, in a fixed order), wait for every tensor's sums (a grid
+//             barrier on CUDA), then run the update with the sums in RuleInputs::tensor_sums
 //   advance(hyper, lr, before, after)   the scalar state after this step (absent without scalars)
 //   Rule<T, kFlags>                     the per-element update, in math type T (update_rules.h has the helpers)
 //   FUSEDOPT_ALGORITHM(Name)            at the end of the header: names the declaration for the build
@@ -33,6 +38,7 @@ namespace fusedopt {
 constexpr int kMaxHyper = 7;
 constexpr int kMaxStates = 3;
 constexpr int kMaxScalars = 3;
+constexpr int kMaxTensorSums = 2;
 
 template <size_t N>
 using Names = std::array<std::string_view, N>;
@@ -51,6 +57,16 @@ consteval int index_of(const Names<N>& names, std::string_view name) {
     if (names[i] == name) return int(i);
   }
   throw "fusedopt: no such name in the algorithm's declaration";
+}
+
+// kTensorSums is optional: the number of names declared, or 0.
+template <class A>
+consteval int tensor_sum_count() {
+  if constexpr (requires { A::kTensorSums; }) {
+    return int(A::kTensorSums.size());
+  } else {
+    return 0;
+  }
 }
 
 // The compile-time lookups a rule uses, for declaration A.
@@ -84,23 +100,29 @@ struct Declared {
     throw "fusedopt: no such state buffer in the algorithm's declaration";
   }
   static consteval int momentum_slot() { return A::kMomentum.empty() ? -1 : hyper(A::kMomentum); }
+  // How many per-tensor sums the update needs first (0 for a purely element-wise algorithm), and the index of one.
+  static consteval int num_tensor_sums() { return tensor_sum_count<A>(); }
+  static consteval int tensor_sum(std::string_view name) { return index_of(A::kTensorSums, name); }
 
   static_assert(A::kHyper.size() >= 1 && A::kHyper[0] == "lr", "slot 0 is the learning rate");
   static_assert(A::kHyper.size() <= kMaxHyper, "raise kMaxHyper in csrc/algorithm.h");
   static_assert(A::kStates.size() <= kMaxStates, "raise kMaxStates in csrc/algorithm.h");
   static_assert(A::kScalars.size() <= kMaxScalars, "raise kMaxScalars in csrc/algorithm.h");
   static_assert(A::kOptions.size() <= 8, "each option doubles the kernels compiled");
+  static_assert(tensor_sum_count<A>() <= kMaxTensorSums, "raise kMaxTensorSums in csrc/algorithm.h");
 };
 
 // What a rule is built from, once per (tensor, launch): its group's hyperparameters (by Declared::hyper slot),
 // the learning rate, the param's scalar state before and after this step (torch increments `step` before it
-// uses it: a rule reads the new step from `next`), and whether its buffers are created by this step.
+// uses it: a rule reads the new step from `next`), whether its buffers are created by this step, and the
+// tensor's sums (kTensorSums) when the algorithm declares some: nullptr while they are being accumulated.
 struct RuleInputs {
   const double* hyper;
   double lr;
   const float* scalars;
   const float* next;
   bool fresh;
+  const double* tensor_sums = nullptr;
 };
 
 // The usual advance: only `step`, incremented.

@@ -28,6 +28,17 @@ struct UpdateKernels {
   static inline UpdateFn<scalar_t, Rule> by_variant[kNumVariants] = {};
 };
 
+// For an algorithm that declares kTensorSums: adds each of the rule's tensor terms over elements [begin, end) of
+// one tensor (grads multiplied by grad_factor, nothing stored) into sums[k], in double.
+template <typename scalar_t, typename Rule>
+using TensorSumFn = void (*)(const TensorEntry& entry, const Rule& rule, typename Rule::opmath_t grad_factor,
+                             int64_t begin, int64_t end, double* sums);
+
+template <typename scalar_t, typename Rule>
+struct TensorSumKernels {
+  static inline TensorSumFn<scalar_t, Rule> by_variant[kNumVariants] = {};
+};
+
 // Fills one variant's slots for every kernel of one algorithm (csrc/cpu/update_kernels.h).
 using KernelRegistrar = void (*)();
 

@@ -35,6 +35,13 @@ inline float to_math<float, c10::BFloat16>(c10::BFloat16 v) {
   return c10::bit_cast<float>(uint32_t(v.x) << 16);
 }
 
+template <typename scalar_t, typename Rule>
+TensorSumFn<scalar_t, Rule> tensor_sum_kernel() {
+  const TensorSumFn<scalar_t, Rule> fn = TensorSumKernels<scalar_t, Rule>::by_variant[active_variant()];
+  TORCH_CHECK(fn != nullptr, "fusedopt: no CPU tensor-sums kernel for this update rule ");
+  return fn;
+}
+
 // Sum of squares (in double) and non-finite flag of grad elements [begin, end).
 template <typename scalar_t>
 void reduce_range(const TensorEntry& e, int64_t begin, int64_t end, double& sum_sq, bool& nonfinite) {
@@ -53,14 +60,18 @@ void reduce_range(const TensorEntry& e, int64_t begin, int64_t end, double& sum_
 
 // A rule is a pure function of its tensor's group, scalar state (`step`, ...) and fresh flag (RuleInputs), and
 // consecutive tensors usually share all three: reuse the last rule built instead of paying its pow() calls for
-// every small tensor. Scalars are compared bit for bit, so a NaN step still matches itself.
+// every small tensor. Scalars are compared bit for bit, so a NaN step still matches itself. A rule built from its
+// tensor's own sums (kTensorSums) is never reused.
 template <typename Rule>
 class RuleCache {
  public:
   explicit RuleCache(const TableView& table) : table_(table) {}
 
-  const Rule& operator()(const TensorEntry& entry) {
-    if (!rule_.has_value() || !same_inputs(entry)) {
+  const Rule& operator()(const TensorEntry& entry, const double* tensor_sums = nullptr) {
+    if (tensor_sums != nullptr) {
+      rule_.emplace(table_.rule_for<Rule>(entry, tensor_sums));
+      group_ = -1;
+    } else if (!rule_.has_value() || !same_inputs(entry)) {
       rule_.emplace(table_.rule_for<Rule>(entry));
       group_ = entry.group;
       fresh_ = entry.fresh_state;
@@ -89,6 +100,32 @@ class RuleCache {
 
 // Below this many elements a single thread is faster than waking the pool.
 constexpr int64_t kSerialBelow = 1 << 16;
+
+// Every tensor's sums (kTensorSums of them per tensor, tensor-major) before any update, for an algorithm that
+// declares some; empty otherwise. Per-chunk partials are added in chunk order: the result does not depend on
+// the thread count.
+template <typename scalar_t, typename Rule, typename ForEachChunk>
+std::vector<double> tensor_sums(const TableView& table, typename Rule::opmath_t grad_factor,
+                                const ForEachChunk& for_each_chunk) {
+  constexpr int kSums = Declared<typename Rule::Algorithm>::num_tensor_sums();
+  if constexpr (kSums == 0) {
+    return {};
+  } else {
+    const TableHeader& header = table.header();
+    const TensorSumFn<scalar_t, Rule> accumulate = tensor_sum_kernel<scalar_t, Rule>();
+    std::vector<double> partials(header.num_chunks * kSums, 0.0);
+    for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk, RuleCache<Rule>& rules) {
+      accumulate(entry, rules(entry), grad_factor, start, stop, partials.data() + chunk * kSums);
+    });
+    std::vector<double> sums(header.num_tensors * kSums, 0.0);
+    for (int64_t t = 0; t < header.num_tensors; ++t) {
+      for (int64_t chunk = table.first_chunk()[t]; chunk < table.first_chunk()[t + 1]; ++chunk) {
+        for (int k = 0; k < kSums; ++k) sums[t * kSums + k] += partials[chunk * kSums + k];
+      }
+    }
+    return sums;
+  }
+}
 
 struct CpuRunner {
   template <typename scalar_t, typename Rule>
@@ -139,9 +176,12 @@ struct CpuRunner {
     const GradAdjustment adjust = grad_adjustment(args, args.grad_stats ? args.grad_stats : no_stats);
     if (!adjust.skip) {
       const T grad_factor = T(adjust.factor);
+      const std::vector<double> sums = tensor_sums<scalar_t, Rule>(table, grad_factor, for_each_chunk);
+      constexpr int kSums = Declared<typename Rule::Algorithm>::num_tensor_sums();
       const UpdateFn<scalar_t, Rule> update = update_kernel<scalar_t, Rule>();
       for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t, RuleCache<Rule>& rules) {
-        update(entry, rules(entry), grad_factor, start, stop);
+        const int64_t t = &entry - table.tensors();
+        update(entry, rules(entry, kSums > 0 ? sums.data() + t * kSums : nullptr), grad_factor, start, stop);
       });
       // Only after every chunk has read the scalar state and lr, and before the schedule changes the lr.
       for (int64_t t = 0; t < header.num_tensors; ++t) table.store_scalars<typename Rule::Algorithm>(t);

@@ -129,18 +129,26 @@ __device__ __forceinline__ void reduce_chunk(const TensorEntry& e, int64_t begin
 }
 
 // A launch's scratch space, in int64 words: [0] the blocks-done counter (self-resetting), then capacity
-// per-block sums of squares and capacity per-block non-finite counts.
+// per-block sums of squares and capacity per-block non-finite counts; for an algorithm that declares
+// kTensorSums, then its per-chunk partial sums (tensor_sum_words: sized from the table, not the device).
 struct LaunchWorkspace {
   unsigned int* blocks_done;
   double* partial_sums;
   double* partial_nonfinite;
+  double* chunk_sums;  // num_chunks x kTensorSums, chunk-major
 };
 
 constexpr int64_t workspace_words(int64_t capacity) { return 1 + 2 * capacity; }
 
+template <class A>
+int64_t tensor_sum_words(const TableHeader& header) {
+  return header.num_chunks * Declared<A>::num_tensor_sums();
+}
+
 inline LaunchWorkspace workspace_at(int64_t* words, int64_t capacity) {
   return LaunchWorkspace{reinterpret_cast<unsigned int*>(words), reinterpret_cast<double*>(words + 1),
-                         reinterpret_cast<double*>(words + 1 + capacity)};
+                         reinterpret_cast<double*>(words + 1 + capacity),
+                         reinterpret_cast<double*>(words + workspace_words(capacity))};
 }
 
 // The block's (sum, non-finite count), valid in every thread. Fixed shuffle pattern and warp order: the
@@ -194,6 +202,71 @@ __device__ __forceinline__ bool last_block_done(unsigned int* counter) {
   return is_last;
 }
 
+// The tensor that owns `chunk` and the chunk's element range in it.
+__device__ __forceinline__ void chunk_bounds(const TableView& table, int64_t chunk, int64_t& t, int64_t& begin,
+                                             int64_t& end) {
+  t = table.tensor_of_chunk(chunk);
+  begin = (chunk - table.first_chunk()[t]) * kChunkSize;
+  end = min(begin + kChunkSize, table.tensors()[t].numel);
+}
+
+// ---- Per-tensor sums (an algorithm that declares kTensorSums): summed before any update, behind a barrier ----
+
+// This thread's share of a chunk's tensor terms (the rule's tensor_terms, on copies of the state), in double.
+template <typename scalar_t, typename Rule>
+__device__ __forceinline__ void tensor_terms_chunk(const TensorEntry& e, const Rule& rule,
+                                                   typename Rule::opmath_t grad_factor, int64_t begin, int64_t end,
+                                                   double (&sums)[kMaxTensorSums]) {
+  using T = typename Rule::opmath_t;
+  constexpr int kStates = Rule::kNumStates;
+  constexpr int kSums = Declared<typename Rule::Algorithm>::num_tensor_sums();
+  const scalar_t* param = static_cast<const scalar_t*>(e.param);
+  const scalar_t* grad = static_cast<const scalar_t*>(e.grad);
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    T s[kStates > 0 ? kStates : 1];
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) s[k] = T(static_cast<const scalar_t*>(e.state[k])[i]);
+    T terms[kSums];
+    rule.tensor_terms(T(param[i]), T(grad[i]) * grad_factor, s, terms);
+#pragma unroll
+    for (int k = 0; k < kSums; ++k) sums[k] += double(terms[k]);
+  }
+}
+
+// Every chunk's partial sums, block-reduced, at its own place in the workspace: where a chunk's sums land does
+// not depend on which block summed it.
+template <typename scalar_t, typename Rule>
+__device__ __forceinline__ void accumulate_tensor_sums(const TableView& table, const LaunchWorkspace& ws,
+                                                       typename Rule::opmath_t grad_factor) {
+  static_assert(kMaxTensorSums <= 2, "block_sum reduces two values at a time");
+  constexpr int kSums = Declared<typename Rule::Algorithm>::num_tensor_sums();
+  for (int64_t chunk = blockIdx.x; chunk < table.header().num_chunks; chunk += gridDim.x) {
+    int64_t t, begin, end;
+    chunk_bounds(table, chunk, t, begin, end);
+    const TensorEntry entry = table.tensors()[t];
+    double sums[kMaxTensorSums] = {};
+    tensor_terms_chunk<scalar_t>(entry, table.rule_for<Rule>(entry), grad_factor, begin, end, sums);
+    block_sum(sums[0], sums[1]);
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < kSums; ++k) ws.chunk_sums[chunk * kSums + k] = sums[k];
+    }
+  }
+}
+
+// Tensor t's sums, valid in every thread: its chunks' partials added by one block in a fixed pattern, so every
+// block (and every run, whatever the grid size) gets the same values.
+template <int kSums>
+__device__ __forceinline__ void tensor_totals(const TableView& table, const LaunchWorkspace& ws, int64_t t,
+                                              double (&totals)[kMaxTensorSums]) {
+  double sums[kMaxTensorSums] = {};
+  for (int64_t chunk = table.first_chunk()[t] + threadIdx.x; chunk < table.first_chunk()[t + 1];
+       chunk += blockDim.x) {
+    for (int k = 0; k < kSums; ++k) sums[k] += __ldcg(&ws.chunk_sums[chunk * kSums + k]);
+  }
+  block_sum(sums[0], sums[1]);
+  for (int k = 0; k < kMaxTensorSums; ++k) totals[k] = sums[k];
+}
+
 // Not inlined: the schedule math runs once per step in one block, and inlined into every kernel it would cost
 // registers in the update loop. Takes scalars, not the kernel's ScheduleArgs by reference: a reference to a
 // kernel parameter makes the kernel copy it to its stack.
@@ -206,15 +279,11 @@ template <typename scalar_t, typename Rule>
 __global__ void __launch_bounds__(kThreads)
     fused_step_kernel(const int64_t* __restrict__ table_words_ptr, const StepArgs args, const LaunchWorkspace ws) {
   using T = typename Rule::opmath_t;
+  constexpr int kSums = Declared<typename Rule::Algorithm>::num_tensor_sums();
   const TableView table{const_cast<int64_t*>(table_words_ptr)};
   const TableHeader& header = table.header();
   const int64_t num_chunks = header.num_chunks;
   const int64_t phases = args.phases;
-  auto chunk_bounds = [&](int64_t chunk, int64_t& t, int64_t& begin, int64_t& end) {
-    t = table.tensor_of_chunk(chunk);
-    begin = (chunk - table.first_chunk()[t]) * kChunkSize;
-    end = min(begin + kChunkSize, table.tensors()[t].numel);
-  };
 
   // grad_stats holds what earlier launches of this step reduced (stream order: they have finished).
   double stats[kGradStats] = {0.0, 0.0};
@@ -226,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
     bool nonfinite = false;
     for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
       int64_t t, begin, end;
-      chunk_bounds(chunk, t, begin, end);
+      chunk_bounds(table, chunk, t, begin, end);
       reduce_chunk<scalar_t>(table.tensors()[t], begin, end, sum_sq, nonfinite);
     }
     double block_nonfinite = nonfinite ? 1.0 : 0.0;
@@ -253,16 +322,33 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   const GradAdjustment adjust = grad_adjustment(args, stats);
+  if constexpr (kSums > 0) {
+    if (phases & kAccumulateTensorSums) {
+      if (!adjust.skip) accumulate_tensor_sums<scalar_t, Rule>(table, ws, T(adjust.factor));
+      if (!(phases & kUpdate)) return;  // the first of separate launches: the update launch reads the sums
+      if (!adjust.skip) {
+        __threadfence();
+        cooperative_groups::this_grid().sync();
+      }
+    }
+  }
   if (!adjust.skip) {
     // After a reduction in this launch, walk the chunks backwards: the grads read last are still in L2.
-    const bool backwards = (phases & kReduceGrads) != 0;
+    const bool backwards = (phases & (kReduceGrads | kAccumulateTensorSums)) != 0;
     const int64_t owned = num_chunks > int64_t(blockIdx.x) ? (num_chunks - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    int64_t summed = -1;  // the tensor `totals` holds: a block's consecutive chunks mostly share one
+    double totals[kMaxTensorSums] = {};
     for (int64_t k = 0; k < owned; ++k) {
       const int64_t chunk = blockIdx.x + (backwards ? owned - 1 - k : k) * int64_t(gridDim.x);
       int64_t t, begin, end;
-      chunk_bounds(chunk, t, begin, end);
+      chunk_bounds(table, chunk, t, begin, end);
       const TensorEntry entry = table.tensors()[t];
-      update_chunk<scalar_t>(entry, table.rule_for<Rule>(entry), T(adjust.factor), begin, end);
+      if constexpr (kSums > 0) {
+        if (t != summed) tensor_totals<kSums>(table, ws, t, totals);
+        summed = t;
+      }
+      update_chunk<scalar_t>(entry, table.rule_for<Rule>(entry, kSums > 0 ? totals : nullptr), T(adjust.factor),
+                             begin, end);
     }
   }
 
@@ -330,14 +416,17 @@ int64_t resident_blocks(c10::DeviceIndex device) {
 
 // ---- Eager workspaces: one per (device, stream), zeroed once; launches on one stream run one after another ----
 
-inline int64_t* eager_workspace(c10::DeviceIndex device, cudaStream_t stream) {
+// `table_words_needed`: the part sized from the table (tensor_sum_words). A larger table replaces the workspace:
+// the launches queued on this stream before it finish first, and the caching allocator hands the old block out
+// again only on this stream, after them.
+inline int64_t* eager_workspace(c10::DeviceIndex device, cudaStream_t stream, int64_t table_words_needed) {
   static std::mutex mutex;
   static auto* workspaces = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();  // never freed: see below
   const std::lock_guard<std::mutex> lock(mutex);
   at::Tensor& words = (*workspaces)[{int(device), stream}];
-  if (!words.defined()) {
-    const int64_t capacity = device_limits(device).workspace_capacity;
-    words = at::zeros({workspace_words(capacity)}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device));
+  const int64_t needed = workspace_words(device_limits(device).workspace_capacity) + table_words_needed;
+  if (!words.defined() || words.numel() < needed) {
+    words = at::zeros({needed}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, device));
   }
   return words.data_ptr<int64_t>();
 }
@@ -376,13 +465,14 @@ inline void free_released_snapshots() {
 }
 
 // The device table (and workspace) this captured launch reads: a copy that no later call rewrites.
-inline int64_t* capture_snapshot(PreparedStep& prepared, cudaStream_t stream, int64_t capacity) {
+inline int64_t* capture_snapshot(PreparedStep& prepared, cudaStream_t stream, int64_t capacity,
+                                 int64_t table_words_needed) {
   const TableHeader& header = prepared.host.header();
   const int64_t table = table_words(header.num_tensors, header.num_groups);
   // Host: the table, then a zero blocks-done counter; the partials need no initial value.
   auto* snapshot = new CaptureSnapshot{
       at::empty({table + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true)),
-      at::empty({table + workspace_words(capacity)}, prepared.device_table.options())};
+      at::empty({table + workspace_words(capacity) + table_words_needed}, prepared.device_table.options())};
   std::memcpy(snapshot->host.data_ptr(), prepared.host.base, table * sizeof(int64_t));
   snapshot->host.data_ptr<int64_t>()[table] = 0;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -433,15 +523,16 @@ struct CudaRunner {
 
     const int64_t* table = nullptr;
     LaunchWorkspace ws{};
+    const int64_t sum_words = tensor_sum_words<typename Rule::Algorithm>(header);
     if (capture == cudaStreamCaptureStatusNone) {
       free_released_snapshots();
       refresh_device_table(prepared);
       table = prepared.device_table.data_ptr<int64_t>();
-      ws = workspace_at(eager_workspace(device, stream), limits.workspace_capacity);
+      ws = workspace_at(eager_workspace(device, stream, sum_words), limits.workspace_capacity);
     } else {
       // The eager copy stays as it was: the next eager step uploads what this capture changed.
       if (prepared.table_changed || prepared.groups_changed) prepared.host.header().device_copy_stale = 1;
-      int64_t* words = capture_snapshot(prepared, stream, limits.workspace_capacity);
+      int64_t* words = capture_snapshot(prepared, stream, limits.workspace_capacity, sum_words);
       table = words;
       ws = workspace_at(words + table_words(header.num_tensors, header.num_groups), limits.workspace_capacity);
     }
@@ -449,10 +540,14 @@ struct CudaRunner {
     auto kernel = fused_step_kernel<scalar_t, Rule>;
     const int64_t blocks = std::max<int64_t>(
         1, std::min({header.num_chunks, resident_blocks<scalar_t, Rule>(device), limits.workspace_capacity}));
-    const StepArgs& args = prepared.args;
-    const bool both = (args.phases & kReduceGrads) && (args.phases & kUpdate);
+    StepArgs args = prepared.args;
+    // An update that needs per-tensor sums accumulates them first, in this launch (or a launch of its own).
+    if (Declared<typename Rule::Algorithm>::num_tensor_sums() > 0 && (args.phases & kUpdate)) {
+      args.phases |= kAccumulateTensorSums;
+    }
+    const bool both = (args.phases & (kReduceGrads | kAccumulateTensorSums)) && (args.phases & kUpdate);
     if (both && limits.cooperative && cooperative_launch_enabled().load(std::memory_order_relaxed)) {
-      // The grid barrier between the phases needs every block resident: a cooperative launch guarantees it.
+      // The grid barriers between the phases need every block resident: a cooperative launch guarantees it.
       cudaLaunchConfig_t config{};
       config.gridDim = dim3(unsigned(blocks));
       config.blockDim = dim3(kThreads);
@@ -471,13 +566,17 @@ struct CudaRunner {
       (void)cudaGetLastError();
     }
     if (both) {
-      // Two launches: the reduction (its last block adds the partials into grad_stats), then the update.
-      StepArgs reduce = args;
-      reduce.phases = kReduceGrads;
-      kernel<<<blocks, kThreads, 0, stream>>>(table, reduce, ws);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // One launch per phase: the reduction (its last block adds the partials into grad_stats), the per-tensor
+      // sums (into the workspace), then the update.
+      for (const int64_t phase : {int64_t(kReduceGrads), int64_t(kAccumulateTensorSums)}) {
+        if (!(args.phases & phase)) continue;
+        StepArgs first = args;
+        first.phases = phase;
+        kernel<<<blocks, kThreads, 0, stream>>>(table, first, ws);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       StepArgs update = args;
-      update.phases = args.phases & ~int64_t(kReduceGrads);
+      update.phases = args.phases & ~int64_t(kReduceGrads | kAccumulateTensorSums);
       kernel<<<blocks, kThreads, 0, stream>>>(table, update, ws);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;

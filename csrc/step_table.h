@@ -31,6 +31,9 @@ enum StepPhase : int64_t {
   kReduceGrads = 1,  // accumulate the grads' sum of squares and non-finite flag into grad_stats
   kUpdate = 2,       // the update itself
   kResetStats = 4,   // the device's last launch of the step: zero grad_stats for the next one
+  // Set by the CUDA runner only (never by a caller): accumulate the per-tensor sums of an algorithm that
+  // declares kTensorSums into the launch's workspace before its update (kUpdate reads them from there).
+  kAccumulateTensorSums = 8,
 };
 
 // grad_stats (a float64 tensor the optimizer keeps per device): [sum of squares, non-finite flag].
@@ -147,9 +150,10 @@ struct TableView {
   }
 
   // The rule for one tensor in this launch: its group's hyperparameters and its scalar state before and after
-  // this step (every chunk computes `after` itself; the last block stores it, see store_scalars).
+  // this step (every chunk computes `after` itself; the last block stores it, see store_scalars), and the
+  // tensor's sums for an algorithm that declares kTensorSums (nullptr while they are being accumulated).
   template <typename Rule>
-  C10_HOST_DEVICE Rule rule_for(const TensorEntry& entry) const {
+  C10_HOST_DEVICE Rule rule_for(const TensorEntry& entry, const double* tensor_sums = nullptr) const {
     using A = typename Rule::Algorithm;
     const GroupEntry& group = groups()[entry.group];
     double hyper[kMaxHyper];
@@ -160,7 +164,7 @@ struct TableView {
       for (size_t k = 0; k < A::kScalars.size(); ++k) before[k] = *entry.scalars[k];
       A::advance(hyper, lr, before, after);
     }
-    return Rule(RuleInputs{hyper, lr, before, after, entry.fresh_state != 0});
+    return Rule(RuleInputs{hyper, lr, before, after, entry.fresh_state != 0, tensor_sums});
   }
 
   // Writes tensor t's scalar state after this step. Only once every chunk of the launch has read it.

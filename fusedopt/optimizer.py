@@ -116,20 +116,25 @@ class FusedOptimizer(torch.optim.Optimizer):
     # which the kernel then fills from this step's gradient (the op's `fresh_state`).
     _state_created_per_key = False
 
-    def __init__(self, params, *args, max_grad_norm=None, **kwargs):
+    def __init__(self, params, *args, **kwargs):
         if kwargs.get("differentiable", False):
             raise RuntimeError(
                 f"{type(self).__name__} does not support differentiable=True: its fused kernels are not "
                 f"differentiable; use {self._reference_name()}(differentiable=True)"
             )
-        if max_grad_norm is not None and not (
-            isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
-            and math.isfinite(max_grad_norm) and max_grad_norm > 0
-        ):
-            raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
-        super().__init__(params, *args, **kwargs)  # the torch.optim class: validation, defaults, groups
-        # Global gradient-norm clipping inside the step (torch.nn.utils.clip_grad_norm_'s factor); None: off.
-        self.max_grad_norm = max_grad_norm
+        if self._clips_itself():
+            # The replaced class takes max_grad_norm (LAMB): its default, validation and attribute.
+            super().__init__(params, *args, **kwargs)
+        else:
+            max_grad_norm = kwargs.pop("max_grad_norm", None)
+            if max_grad_norm is not None and not (
+                isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)
+                and math.isfinite(max_grad_norm) and max_grad_norm > 0
+            ):
+                raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+            super().__init__(params, *args, **kwargs)  # the torch.optim class: validation, defaults, groups
+            # Global gradient-norm clipping inside the step (torch.nn.utils.clip_grad_norm_'s factor); None: off.
+            self.max_grad_norm = max_grad_norm
         # GradScaler hands the scale to step() instead of unscaling the grads itself.
         self._step_supports_amp_scaling = True
         self._plan = None
@@ -143,7 +148,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # The constructor forwards to torch's: show torch's arguments (and max_grad_norm) to inspect.signature.
         torch_init = inspect.signature(cls._torch_class().__init__)
         parameters = list(torch_init.parameters.values())[1:]
-        parameters.append(inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None))
+        if not cls._clips_itself():
+            parameters.append(inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None))
         cls.__signature__ = torch_init.replace(parameters=parameters)
 
     @classmethod
@@ -152,6 +158,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         for algorithms torch.optim lacks."""
         return next(c for c in cls.__mro__ if issubclass(c, torch.optim.Optimizer)
                     and not issubclass(c, FusedOptimizer) and c is not torch.optim.Optimizer)
+
+    @classmethod
+    def _clips_itself(cls):
+        """Whether the replaced class clips the global grad norm itself (LAMB's reference): it then owns the
+        `max_grad_norm` argument, and the fused step's clipping computes the factor the class applies."""
+        return "max_grad_norm" in inspect.signature(cls._torch_class().__init__).parameters
 
     @classmethod
     def _reference_name(cls):
@@ -434,7 +446,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 grad_scaler.unscale_(self)
             if sum(v.item() for v in scaler_state["found_inf_per_device"].values()):
                 return None
-        if self.max_grad_norm:
+        if self.max_grad_norm and not self._clips_itself():
             params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         return super().step(closure)

@@ -8,6 +8,7 @@ state buffers and scalar state. The class says, by those names, what a param gro
 """
 import torch
 
+from . import references
 from .optimizer import FusedOptimizer
 
 
@@ -101,6 +102,40 @@ class FusedRMSprop(FusedOptimizer, torch.optim.RMSprop):
     def _hyper(self, group):
         return {"alpha": group["alpha"], "eps": group["eps"], "weight_decay": group["weight_decay"],
                 "momentum": group["momentum"]}
+
+
+class FusedLion(FusedOptimizer, references.Lion):
+    """Lion (fusedopt.references.Lion: Chen et al. 2023, decoupled weight decay, maximize) with one fused launch
+    per step. State per param, as the reference keeps it: ``exp_avg`` (the momentum, zeros at first) and ``step``
+    (a float32 0-dim tensor on the param's device, counted but unused by the update)."""
+
+    _op_name = "lion_"
+
+    def _options(self, group):
+        return {"maximize": group["maximize"]}
+
+    def _hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return {"beta1": beta1, "beta2": beta2, "weight_decay": group["weight_decay"]}
+
+
+class FusedLAMB(FusedOptimizer, references.LAMB):
+    """LAMB (fusedopt.references.LAMB: You et al. 2019 in NVIDIA's formulation, as apex's FusedLAMB) in one
+    fused launch per step: the global grad-norm clipping (``max_grad_norm``, keyword-only, default 1.0; ``None``
+    or ``0`` disables it; an attribute, not a group entry, as in the reference), the Adam moments, the
+    per-tensor norms of the param and the update (summed in float64 over the whole tensor, also for fp16/bf16
+    params; the reference sums in float32 for those), and the update scaled by the trust ratio. On CUDA the
+    norms are reduced inside the launch, behind a grid barrier. State per param, as the reference keeps it:
+    ``step`` (a float32 0-dim tensor on the param's device), ``exp_avg`` and ``exp_avg_sq`` (zeros at first)."""
+
+    _op_name = "lamb_"
+
+    def _options(self, group):
+        return {"maximize": group["maximize"]}
+
+    def _hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "weight_decay": group["weight_decay"]}
 
 
 # Every Fused* class defined above, exported by the fusedopt package.

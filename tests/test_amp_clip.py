@@ -71,6 +71,11 @@ class Case:
         return "-".join(parts)
 
 
+def _clips_itself(entry):
+    """Whether the reference takes max_grad_norm and clips by it in its own step (LAMB)."""
+    return "max_grad_norm" in inspect.signature(entry.torch_cls).parameters
+
+
 def _rich(name):
     return ENTRY_BY_NAME[name].representative[-1]
 
@@ -140,6 +145,8 @@ class _Run:
         kwargs = dict(entry.option_sets[case.opt_id])
         if fused and case.max_grad_norm is not None and not case.user_clip:
             kwargs["max_grad_norm"] = case.max_grad_norm
+        elif case.max_grad_norm is not None and _clips_itself(entry):
+            kwargs["max_grad_norm"] = None  # the case clips outside the step (apply): not twice
         cls = entry.fused_cls if fused else entry.torch_cls
         self.opt = cls(problem.param_arg(self.params, entry.group_overrides), **kwargs)
         self.scaler = _scaler(problem.device.type) if case.amp else None
@@ -264,7 +271,13 @@ BAD_MAX_GRAD_NORMS = [0, 0.0, -1.0, -math.inf, math.inf, math.nan, "1.0", [1.0]]
 @pytest.mark.parametrize("value", BAD_MAX_GRAD_NORMS, ids=repr)
 @pytest.mark.parametrize("entry", entry_params())
 def test_invalid_max_grad_norm_raises(entry, value):
+    """Rejected with the same wording everywhere; except that a reference which clips itself (LAMB) accepts 0 as
+    "no clipping", and so does its fused class."""
     p = torch.ones(3, requires_grad=True)
+    if _clips_itself(entry) and value == 0:
+        assert entry.torch_cls([torch.ones(3, requires_grad=True)], max_grad_norm=value).max_grad_norm == 0
+        assert entry.fused_cls([p], max_grad_norm=value).max_grad_norm == 0
+        return
     with pytest.raises(ValueError, match="^" + re.escape(f"Invalid max_grad_norm value: {value}") + "$"):
         entry.fused_cls([p], max_grad_norm=value)
     assert torch.equal(p.detach(), torch.ones(3)) and p.grad is None
@@ -272,10 +285,13 @@ def test_invalid_max_grad_norm_raises(entry, value):
 
 @pytest.mark.parametrize("entry", entry_params())
 def test_max_grad_norm_is_keyword_only_and_defaults_to_none(entry):
+    """None (no clipping) by default; a reference that clips itself (LAMB) sets the default instead."""
     param = inspect.signature(entry.fused_cls).parameters["max_grad_norm"]
-    assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is None
+    default = inspect.signature(entry.torch_cls).parameters["max_grad_norm"].default if _clips_itself(entry) else None
+    assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default == default
+    assert entry.fused_cls([torch.zeros(2, requires_grad=True)]).max_grad_norm == default
     for value in (None, 1, 0.25, 1e30):  # ints and tiny / huge positive values are valid
-        entry.fused_cls([torch.zeros(2, requires_grad=True)], max_grad_norm=value)
+        assert entry.fused_cls([torch.zeros(2, requires_grad=True)], max_grad_norm=value).max_grad_norm == value
 
 
 BAD_PARAM = 4  # the (2, 5) param of the last group: earlier params and groups are valid

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fusedopt
-from fusedopt import _ops
+from fusedopt import _ops, references
 
 from conftest import TOLERANCES, assert_matches
 
@@ -91,6 +91,8 @@ class _Reference:
 
     def __init__(self, cls, kwargs, shapes, dtypes, scaler=True, max_grad_norm=MAX_GRAD_NORM):
         self.params = _make_params(shapes, dtypes)
+        if cls is references.LAMB:
+            kwargs = {**kwargs, "max_grad_norm": None}  # clipped below, as for torch.optim: not twice
         self.opt = cls(self.params, **kwargs)
         self.max_grad_norm = max_grad_norm
         self.scaler = torch.amp.GradScaler("cuda", **SCALER_KWARGS) if scaler else None
@@ -132,6 +134,8 @@ def _capture(fused):
 
 ADAMW = (fusedopt.FusedAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1))
 SGD = (fusedopt.FusedSGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9))
+# per-tensor sums behind a second grid barrier (a third launch in the fallback)
+LAMB = (fusedopt.FusedLAMB, references.LAMB, dict(lr=1e-2, weight_decay=0.1))
 
 
 def _pair(spec, dtypes, shapes=SHAPES, scaler=True, max_grad_norm=MAX_GRAD_NORM):
@@ -147,7 +151,7 @@ def _warm_reference(ref):
 
 # ---- graphs ----
 
-@pytest.mark.parametrize("spec", [ADAMW, SGD], ids=["adamw", "sgd_momentum"])
+@pytest.mark.parametrize("spec", [ADAMW, SGD, LAMB], ids=["adamw", "sgd_momentum", "lamb"])
 def test_capture_with_several_launches_scaler_and_clipping_matches_torch(spec):
     """fp32 + bf16 params: two launches per step, each reducing before either updates, captured in one graph.
     Replays clip (every step here), skip the steps with an inf grad and back the scale off, like torch."""
@@ -293,10 +297,12 @@ def _run_bits(spec, dtypes, steps=4, shapes=SHAPES):
     return [p.detach().clone() for p in fused.params]
 
 
-def test_two_launch_fallback_equals_the_cooperative_launch_bit_for_bit():
+@pytest.mark.parametrize("spec", [ADAMW, LAMB], ids=["adamw", "lamb"])
+def test_two_launch_fallback_equals_the_cooperative_launch_bit_for_bit(spec):
     """Without cooperative launch (devices that lack it, MPS limits) a reduce+update step runs as two
-    launches; both add the per-block partials in block order, so the results are identical."""
-    spec, shapes = ADAMW, SHAPES + [(2_000_000,)]
+    launches (three for LAMB's per-tensor sums); all add the per-block and per-chunk partials in a fixed order,
+    so the results are identical."""
+    shapes = SHAPES + [(2_000_000,)]
     cooperative = _run_bits(spec, (torch.float32,), shapes=shapes)
     previous = _ops._C._set_cooperative_launch(False)
     try:
@@ -307,11 +313,13 @@ def test_two_launch_fallback_equals_the_cooperative_launch_bit_for_bit():
         assert torch.equal(a, b)
 
 
-def test_clipping_is_bitwise_deterministic():
-    """Two identical runs with a global norm over many blocks (several launches): identical bits."""
+@pytest.mark.parametrize("spec", [ADAMW, LAMB], ids=["adamw", "lamb"])
+def test_clipping_is_bitwise_deterministic(spec):
+    """Two identical runs with a global norm over many blocks (several launches), and LAMB's per-tensor norms
+    over many chunks: identical bits."""
     shapes = SHAPES + [(3_000_000,), (1_000_003,)]
-    first = _run_bits(ADAMW, MIXED, steps=5, shapes=shapes)
-    second = _run_bits(ADAMW, MIXED, steps=5, shapes=shapes)
+    first = _run_bits(spec, MIXED, steps=5, shapes=shapes)
+    second = _run_bits(spec, MIXED, steps=5, shapes=shapes)
     for a, b in zip(first, second):
         assert torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a,
                            b.view(torch.int16) if b.dtype == torch.bfloat16 else b)

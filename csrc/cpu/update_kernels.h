@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <utility>
 
@@ -116,9 +117,64 @@ void update_range(const TensorEntry& entry, const Rule& rule, typename Rule::opm
   if (i < end) apply(i, end - i, std::false_type{});
 }
 
+// The per-tensor sums pass (an algorithm with kTensorSums): the rule's tensor terms on whole registers and one
+// partial register (the lanes past its count are left out: padding may give NaN terms), element i of the range
+// added into double accumulator i % kSumLanes, then the accumulators in order. kSumLanes is a multiple of every
+// variant's register width, so each variant adds the same values in the same order (bit-identical sums).
+// Nothing is stored: the state the rule advances is a copy.
+constexpr int kSumLanes = 16;
+
+template <typename scalar_t, typename Rule>
+void tensor_sums_range(const TensorEntry& entry, const Rule& rule, typename Rule::opmath_t grad_factor,
+                       int64_t begin, int64_t end, double* sums) {
+  using L = Lanes<scalar_t>;
+  using Math = typename L::Math;
+  using T = typename Rule::opmath_t;
+  constexpr int kStates = Rule::kNumStates;
+  constexpr int kParts = L::kParts;
+  constexpr int kSums = Declared<typename Rule::Algorithm>::num_tensor_sums();
+  constexpr int kLanes = Math::size();
+  static_assert(kSumLanes % kLanes == 0, "a register's lanes map onto consecutive accumulators");
+  const scalar_t* const param = static_cast<const scalar_t*>(entry.param);
+  const scalar_t* const grad = static_cast<const scalar_t*>(entry.grad);
+  const Math factor(grad_factor);
+  double lanes[kSums][kSumLanes] = {};
+
+  auto accumulate = [&](int64_t i, int64_t count, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    Math p[kParts], g[kParts], s[kStates > 0 ? kStates : 1][kParts];
+    L::template load<kFull>(param + i, count, p);
+    L::template load<kFull>(grad + i, count, g);
+    for (int k = 0; k < kStates; ++k) {
+      L::template load<kFull>(static_cast<const scalar_t*>(entry.state[k]) + i, count, s[k]);
+    }
+    for (int part = 0; part < kParts; ++part) {
+      Math st[kStates > 0 ? kStates : 1], terms[kSums];
+      for (int k = 0; k < kStates; ++k) st[k] = s[k][part];
+      rule.tensor_terms(p[part], g[part] * factor, st, terms);
+      const int64_t valid = std::min<int64_t>(kLanes, count - part * kLanes);
+      const int64_t first = (i - begin + part * kLanes) % kSumLanes;
+      for (int k = 0; k < kSums; ++k) {
+        T values[kLanes];
+        terms[k].store(values);
+        for (int64_t j = 0; j < valid; ++j) lanes[k][first + j] += double(values[j]);
+      }
+    }
+  };
+  int64_t i = begin;
+  for (; i + L::kWidth <= end; i += L::kWidth) accumulate(i, L::kWidth, std::true_type{});
+  if (i < end) accumulate(i, end - i, std::false_type{});
+  for (int k = 0; k < kSums; ++k) {
+    for (int j = 0; j < kSumLanes; ++j) sums[k] += lanes[k][j];
+  }
+}
+
 template <typename scalar_t, typename Rule>
 void register_one() {
   UpdateKernels<scalar_t, Rule>::by_variant[kThisVariant] = &update_range<scalar_t, Rule>;
+  if constexpr (Declared<typename Rule::Algorithm>::num_tensor_sums() > 0) {
+    TensorSumKernels<scalar_t, Rule>::by_variant[kThisVariant] = &tensor_sums_range<scalar_t, Rule>;
+  }
 }
 
 // One option combination, for every storage dtype.
