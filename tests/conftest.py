@@ -257,12 +257,18 @@ def check_fused_step(step, p, key="step"):
 def scalar_state_keys(opt):
     """The per-param scalar state keys other than `step` (NAdam's `mu_product`): the fused class's declaration
     names them. They are 0-dim tensors whatever the param's shape, compared as numbers."""
-    spec = getattr(opt, "_spec", None) if hasattr(type(opt), "_op_name") else None
-    return set(spec.scalars) - {"step"} if spec is not None else set()
+    import fusedopt
+    from fusedopt import _ops
+
+    cls = type(opt)
+    fused = [c for c in (getattr(fusedopt, n) for n in fusedopt.optimizers.__all__)
+             if c is cls or c._torch_class() is cls]
+    return set(_ops.spec(fused[0]._op_name).scalars) - {"step"} if fused else set()
 
 
-def assert_scalar_state(fs, rs, key, p, rtol, atol):
-    check_fused_step(fs[key], p, key)
+def assert_scalar_state(fs, rs, key, p, rtol, atol, fused=True):
+    if fused:
+        check_fused_step(fs[key], p, key)
     assert math.isclose(float(fs[key]), float(rs[key]), rel_tol=rtol, abs_tol=atol), (
         f"state[{key!r}] {float(fs[key])} != torch's {float(rs[key])}")
 
@@ -280,8 +286,8 @@ def assert_matches(fused_opt, fused_params, ref_opt, ref_params, rtol, atol, fus
                     check_fused_step(fs[key], fp)
                 assert float(fs[key]) == float(rs[key]), f"param {i}: step {float(fs[key])} != {float(rs[key])}"
                 continue
-            if fused_is_fusedopt and key in scalar_state_keys(fused_opt):
-                assert_scalar_state(fs, rs, key, fp, rtol, atol)
+            if key in scalar_state_keys(fused_opt) | scalar_state_keys(ref_opt):
+                assert_scalar_state(fs, rs, key, fp, rtol, atol, fused=fused_is_fusedopt)
                 continue
             f, r = fs[key], rs[key]
             assert f.shape == fp.shape and f.dtype == fp.dtype and f.device == fp.device, (
