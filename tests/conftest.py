@@ -256,7 +256,8 @@ def check_fused_step(step, p, key="step"):
 
 def scalar_state_keys(opt):
     """The per-param scalar state keys other than `step` (NAdam's `mu_product`): the fused class's declaration
-    names them. They are 0-dim tensors whatever the param's shape, compared as numbers."""
+    names them (for a torch.optim class, the declaration of the Fused* class replacing it). They are 0-dim
+    tensors whatever the param's shape, compared as numbers."""
     import fusedopt
     from fusedopt import _ops
 
