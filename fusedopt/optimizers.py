@@ -138,6 +138,38 @@ class FusedLAMB(FusedOptimizer, references.LAMB):
         return {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "weight_decay": group["weight_decay"]}
 
 
+class FusedNAdam(FusedOptimizer, torch.optim.NAdam):
+    """torch.optim.NAdam (momentum_decay, decoupled_weight_decay, maximize) with one fused launch per step.
+    `mu_product`, like `step`, is a float32 tensor on the param's device that the launch advances."""
+
+    _op_name = "nadam_"
+
+    def _options(self, group):
+        return {"maximize": group["maximize"], "decoupled_weight_decay": group["decoupled_weight_decay"]}
+
+    def _hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "weight_decay": group["weight_decay"],
+                "momentum_decay": group["momentum_decay"]}
+
+    def _new_state(self, param, group):
+        return {"mu_product": 1.0}  # torch: the empty product
+
+
+class FusedRAdam(FusedOptimizer, torch.optim.RAdam):
+    """torch.optim.RAdam (decoupled_weight_decay, maximize) with one fused launch per step. Whether a step is
+    rectified is decided in the launch from the device's `step`, without a host sync."""
+
+    _op_name = "radam_"
+
+    def _options(self, group):
+        return {"maximize": group["maximize"], "decoupled_weight_decay": group["decoupled_weight_decay"]}
+
+    def _hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "weight_decay": group["weight_decay"]}
+
+
 # Every Fused* class defined above, exported by the fusedopt package.
 __all__ = sorted(name for name, value in list(globals().items())
                  if name.startswith("Fused") and isinstance(value, type) and issubclass(value, FusedOptimizer)

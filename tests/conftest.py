@@ -247,10 +247,31 @@ def param_state(opt, p):
     return opt.state.get(p, {})
 
 
-def check_fused_step(step, p):
-    assert isinstance(step, torch.Tensor), f"state['step'] is {type(step)}, expected a tensor"
-    assert step.dtype == torch.float32 and step.dim() == 0, f"state['step']: {step.dtype}, {step.dim()}-d"
-    assert step.device == p.device, f"state['step'] on {step.device}, param on {p.device}"
+def check_fused_step(step, p, key="step"):
+    """A fused optimizer's scalar state (`step`, NAdam's `mu_product`): a 0-dim float32 tensor on p's device."""
+    assert isinstance(step, torch.Tensor), f"state[{key!r}] is {type(step)}, expected a tensor"
+    assert step.dtype == torch.float32 and step.dim() == 0, f"state[{key!r}]: {step.dtype}, {step.dim()}-d"
+    assert step.device == p.device, f"state[{key!r}] on {step.device}, param on {p.device}"
+
+
+def scalar_state_keys(opt):
+    """The per-param scalar state keys other than `step` (NAdam's `mu_product`): the fused class's declaration
+    names them (for a torch.optim class, the declaration of the Fused* class replacing it). They are 0-dim
+    tensors whatever the param's shape, compared as numbers."""
+    import fusedopt
+    from fusedopt import _ops
+
+    cls = type(opt)
+    fused = [c for c in (getattr(fusedopt, n) for n in fusedopt.optimizers.__all__)
+             if c is cls or c._torch_class() is cls]
+    return set(_ops.spec(fused[0]._op_name).scalars) - {"step"} if fused else set()
+
+
+def assert_scalar_state(fs, rs, key, p, rtol, atol, fused=True):
+    if fused:
+        check_fused_step(fs[key], p, key)
+    assert math.isclose(float(fs[key]), float(rs[key]), rel_tol=rtol, abs_tol=atol), (
+        f"state[{key!r}] {float(fs[key])} != torch's {float(rs[key])}")
 
 
 def assert_matches(fused_opt, fused_params, ref_opt, ref_params, rtol, atol, fused_is_fusedopt=True):
@@ -265,6 +286,9 @@ def assert_matches(fused_opt, fused_params, ref_opt, ref_params, rtol, atol, fus
                 if fused_is_fusedopt:
                     check_fused_step(fs[key], fp)
                 assert float(fs[key]) == float(rs[key]), f"param {i}: step {float(fs[key])} != {float(rs[key])}"
+                continue
+            if key in scalar_state_keys(fused_opt) | scalar_state_keys(ref_opt):
+                assert_scalar_state(fs, rs, key, fp, rtol, atol, fused=fused_is_fusedopt)
                 continue
             f, r = fs[key], rs[key]
             assert f.shape == fp.shape and f.dtype == fp.dtype and f.device == fp.device, (
@@ -317,6 +341,9 @@ def assert_within_torch_error(fused_opt, fused_params, torch_opt, torch_params, 
             if key == "step":
                 check_fused_step(fs[key], fp)
                 assert float(fs[key]) == float(ts[key]), f"param {i}: step {float(fs[key])} != {float(ts[key])}"
+                continue
+            if key in scalar_state_keys(fused_opt):  # float32 in every dtype: compared as in fp32
+                assert_scalar_state(fs, ts, key, fp, **TOLERANCES[torch.float32])
                 continue
             assert fs[key].dtype == fp.dtype and fs[key].shape == fp.shape, f"param {i}: state[{key!r}] dtype/shape"
             b = buckets.setdefault(key, ([], [], []))

@@ -37,6 +37,9 @@ GROUP_LRS = (0.1, 0.03)
 OPTIMIZERS = {
     "sgd": (fusedopt.FusedSGD, torch.optim.SGD, dict(momentum=0.9)),
     "adam": (fusedopt.FusedAdam, torch.optim.Adam, {}),
+    # NAdam's mu_t and mu_product follow the cycled beta1; RAdam's rectification does not depend on it
+    "nadam": (fusedopt.FusedNAdam, torch.optim.NAdam, dict(momentum_decay=0.1)),
+    "radam": (fusedopt.FusedRAdam, torch.optim.RAdam, {}),
 }
 
 
@@ -73,6 +76,9 @@ CASES = [
     Case("onecycle_linear_adam", "adam", "OneCycleLR", dict(max_lr=0.01, total_steps=STEPS, anneal_strategy="linear")),
     Case("onecycle_three_phase_adam", "adam", "OneCycleLR", dict(max_lr=0.02, epochs=3, steps_per_epoch=100,
                                                                  three_phase=True, pct_start=0.25)),
+    Case("onecycle_cos_nadam", "nadam", "OneCycleLR", dict(max_lr=0.01, total_steps=STEPS)),
+    Case("onecycle_linear_radam", "radam", "OneCycleLR",
+         dict(max_lr=0.01, total_steps=STEPS, anneal_strategy="linear")),
     Case("onecycle_nomomentum_sgd", "sgd", "OneCycleLR", dict(max_lr=0.1, total_steps=STEPS, cycle_momentum=False)),
     Case("sequential_warmup_cosine", "sgd", "SequentialLR", {},
          (("LinearLR", dict(start_factor=0.1, total_iters=20)), ("CosineAnnealingLR", dict(T_max=100))), (20,)),
@@ -162,7 +168,7 @@ def test_matches_torch(case, device):
 
 PER_STEP_CASES = [c for c in CASES if c.id in (
     "step", "cosine", "warm_restarts_T2", "cyclic_triangular2_sgd", "cyclic_exp_range_adam", "onecycle_cos_sgd",
-    "sequential_warmup_cosine", "chained_constant_exponential")]
+    "sequential_warmup_cosine", "chained_constant_exponential", "onecycle_cos_nadam")]
 
 
 @pytest.mark.parametrize("device", DEVICES)
