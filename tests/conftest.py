@@ -247,10 +247,18 @@ def param_state(opt, p):
     return opt.state.get(p, {})
 
 
-def check_fused_step(step, p):
-    assert isinstance(step, torch.Tensor), f"state['step'] is {type(step)}, expected a tensor"
-    assert step.dtype == torch.float32 and step.dim() == 0, f"state['step']: {step.dtype}, {step.dim()}-d"
-    assert step.device == p.device, f"state['step'] on {step.device}, param on {p.device}"
+def check_fused_step(step, p, key="step"):
+    assert isinstance(step, torch.Tensor), f"state[{key!r}] is {type(step)}, expected a tensor"
+    assert step.dtype == torch.float32 and step.dim() == 0, f"state[{key!r}]: {step.dtype}, {step.dim()}-d"
+    assert step.device == p.device, f"state[{key!r}] on {step.device}, param on {p.device}"
+
+
+def scalar_state_keys():
+    """Per-param scalar state other than `step` (ASGD's eta and mu, ...), as the algorithms declare it: 0-dim
+    float32 tensors in torch and in fusedopt (kept on the param's device there), not buffers shaped like it."""
+    from fusedopt import _ops
+
+    return {key for spec in _ops._SPECS.values() for key in spec.scalars} - {"step"}
 
 
 def assert_matches(fused_opt, fused_params, ref_opt, ref_params, rtol, atol, fused_is_fusedopt=True):
@@ -267,6 +275,12 @@ def assert_matches(fused_opt, fused_params, ref_opt, ref_params, rtol, atol, fus
                 assert float(fs[key]) == float(rs[key]), f"param {i}: step {float(fs[key])} != {float(rs[key])}"
                 continue
             f, r = fs[key], rs[key]
+            if key in scalar_state_keys():
+                if fused_is_fusedopt:
+                    check_fused_step(f, fp, key)
+                torch.testing.assert_close(f.cpu(), r.cpu(), rtol=rtol, atol=atol,
+                                           msg=lambda m: f"param {i} state[{key!r}]: {m}")
+                continue
             assert f.shape == fp.shape and f.dtype == fp.dtype and f.device == fp.device, (
                 f"param {i}: state[{key!r}] is {f.dtype} {tuple(f.shape)} on {f.device}, param is "
                 f"{fp.dtype} {tuple(fp.shape)} on {fp.device}"
@@ -317,6 +331,10 @@ def assert_within_torch_error(fused_opt, fused_params, torch_opt, torch_params, 
             if key == "step":
                 check_fused_step(fs[key], fp)
                 assert float(fs[key]) == float(ts[key]), f"param {i}: step {float(fs[key])} != {float(ts[key])}"
+                continue
+            if key in scalar_state_keys():  # float32 in every run: fused must equal torch's own
+                check_fused_step(fs[key], fp, key)
+                torch.testing.assert_close(fs[key].cpu(), ts[key].cpu(), msg=lambda m: f"param {i} state[{key!r}]: {m}")
                 continue
             assert fs[key].dtype == fp.dtype and fs[key].shape == fp.shape, f"param {i}: state[{key!r}] dtype/shape"
             b = buckets.setdefault(key, ([], [], []))
