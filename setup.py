@@ -119,7 +119,8 @@ def cpu_variant_command(variant, source, obj):
     from torch.utils.cpp_extension import get_cxx_compiler, include_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return ([get_cxx_compiler(), "-c", source, "-o", obj, "-fPIC", "-std=c++20", "-ffp-contract=off",
+    return ([get_cxx_compiler(), "-c", source, "-o", obj, "-MMD", "-MF", obj + ".d", "-fPIC", "-std=c++20",
+             "-ffp-contract=off",
              f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-DCPU_CAPABILITY={variant}", f"-DCPU_CAPABILITY_{variant}",
              "-I" + os.path.abspath("csrc"), "-I" + os.path.abspath(GENERATED)] + [f"-I{path}" for path in include_paths()]
             + ["-O3", "-fno-math-errno"] + CPU_VARIANTS[variant])
@@ -129,19 +130,28 @@ class BuildWithCpuVariants(BuildExtension):
     """torch's BuildExtension compiles every source with the same flags, but each CPU kernel variant needs its
     own (-mavx2 ..., -mavx512f ...). So those objects are compiled here, one compiler call per variant, and
     handed to the linker as extra objects; the variants' code lives in per-variant namespaces, so the linker
-    never has to choose between an AVX-512 and a baseline copy of one function. Objects newer than every
-    source and header under csrc/ are reused."""
+    never has to choose between an AVX-512 and a baseline copy of one function. An object is reused while it is
+    newer than setup.py and every file its last compilation read (the compiler's dependency file), so adding or
+    editing one algorithm recompiles only that algorithm's kernels."""
+
+    @staticmethod
+    def _up_to_date(obj):
+        try:
+            built = os.path.getmtime(obj)
+            with open(obj + ".d") as f:  # make syntax: "obj: dep dep \\<newline> dep ..."
+                deps = f.read().replace("\\\n", " ").split(":", 1)[1].split()
+            return all(os.path.getmtime(path) <= built for path in deps + [__file__])
+        except (OSError, IndexError):  # no object or dependency file yet, or a dependency is gone
+            return False
 
     def build_extensions(self):
         os.makedirs(self.build_temp, exist_ok=True)
-        newest_input = max(os.path.getmtime(path) for path in glob.glob("csrc/**/*", recursive=True)
-                           + [__file__] if os.path.isfile(path))
         jobs = []
         for source in ALGORITHM_SOURCES["kernels.cpp"]:
             for variant in CPU_VARIANTS:
                 name = os.path.splitext(os.path.basename(source))[0]
                 obj = os.path.join(self.build_temp, f"{name}_{variant.lower()}.o")
-                if not os.path.exists(obj) or os.path.getmtime(obj) < newest_input:
+                if not self._up_to_date(obj):
                     jobs.append(cpu_variant_command(variant, source, obj))
                 for ext in self.extensions:
                     if obj not in ext.extra_objects:

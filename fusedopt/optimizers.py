@@ -170,6 +170,52 @@ class FusedRAdam(FusedOptimizer, torch.optim.RAdam):
         return {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "weight_decay": group["weight_decay"]}
 
 
+class FusedRprop(FusedOptimizer, torch.optim.Rprop):
+    """torch.optim.Rprop (etas, step_sizes, maximize) with one fused launch per step.
+
+    As in torch, the group's lr only seeds a param's ``step_size`` when its state is created; changing the lr
+    later (an LR scheduler, fusedopt.lr_scheduler's device schedules) does not change the update.
+    """
+
+    _op_name = "rprop_"
+
+    def _options(self, group):
+        return {"maximize": group["maximize"]}
+
+    def _hyper(self, group):
+        etaminus, etaplus = group["etas"]
+        step_size_min, step_size_max = group["step_sizes"]
+        return {"etaminus": etaminus, "etaplus": etaplus, "step_size_min": step_size_min,
+                "step_size_max": step_size_max}
+
+    def _new_state(self, param, group):
+        # torch fills step_size with the group's lr; a complex param is two independent reals (torch's comment)
+        lr = float(group["lr"])
+        fill = complex(lr, lr) if param.is_complex() else lr
+        return {"step_size": torch.full_like(param, fill, memory_format=torch.preserve_format)}
+
+
+class FusedASGD(FusedOptimizer, torch.optim.ASGD):
+    """torch.optim.ASGD (lambd, alpha, t0, weight_decay, maximize) with one fused launch per step.
+
+    ``eta`` and ``mu`` are float32 tensors on the param's device, advanced inside the launch (torch keeps them
+    as float32 tensors too); the copy-or-average choice for ``ax`` is made there, without a host sync.
+    """
+
+    _op_name = "asgd_"
+
+    def _options(self, group):
+        return {"maximize": group["maximize"]}
+
+    def _hyper(self, group):
+        return {"lambd": group["lambd"], "alpha": group["alpha"], "t0": group["t0"],
+                "weight_decay": group["weight_decay"]}
+
+    def _new_state(self, param, group):
+        # torch: eta = the group's lr, mu = 1 (both float32); the base converts them to device tensors
+        return {"eta": float(group["lr"]), "mu": 1.0}
+
+
 # Every Fused* class defined above, exported by the fusedopt package.
 __all__ = sorted(name for name, value in list(globals().items())
                  if name.startswith("Fused") and isinstance(value, type) and issubclass(value, FusedOptimizer)
