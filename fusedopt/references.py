@@ -68,11 +68,17 @@ class _Reference(Optimizer):
             group.setdefault("maximize", False)
 
     def _params_with_grad_by_group(self):
-        """Each group's params that have a grad. Every grad is checked before any update, so a sparse grad in
-        a later group raises with nothing written."""
+        """Each group's params that have a grad. Every grad and `step` is checked before any update, so a sparse
+        grad or a number `step` in a later group raises with nothing written."""
         by_group = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
         if any(p.grad.is_sparse for params in by_group for p in params):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        for param in (p for params in by_group for p in params):
+            step = self.state[param].get("step") if param in self.state else None
+            if step is not None and not (torch.is_tensor(step) and step.numel() == 1):
+                # as torch.optim's kernels reject it: a number would be rebound by `+= 1`, not advanced in place
+                raise RuntimeError(f"{type(self).__name__}: state['step'] must be a 1-element tensor, got "
+                                   f"{type(step).__name__}")
         return by_group
 
     def _state(self, param):
