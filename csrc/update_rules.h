@@ -30,6 +30,20 @@ C10_HOST_DEVICE inline V weight_decayed(const V& grad, const V& param, T weight_
   return weight_decay != T(0) ? grad + V(weight_decay) * param : grad;
 }
 
+// The Adam family's gradient: negated for maximize, then weight decay, either coupled (added to the gradient) or
+// decoupled (AdamW: the param scaled by decay_factor = 1 - lr * weight_decay first).
+template <bool kMaximize, bool kDecoupled, typename V, typename T>
+C10_HOST_DEVICE inline V adam_gradient(V& param, const V& grad, T weight_decay, T decay_factor) {
+  const V g = kMaximize ? -grad : grad;
+  if (weight_decay == T(0)) return g;
+  if constexpr (kDecoupled) {
+    param = param * V(decay_factor);
+    return g;
+  } else {
+    return g + V(weight_decay) * param;
+  }
+}
+
 // torch's CPU addcdiv, self + value * t1 / t2, multiplies before it divides; keep its rounding.
 template <typename V, typename T>
 C10_HOST_DEVICE inline V addcdiv(const V& self, T value, const V& t1, const V& t2) {
@@ -42,6 +56,14 @@ template <typename V, typename T>
 C10_HOST_DEVICE inline V lerp(const V& self, const V& end, T weight) {
   return (weight < T(0.5) && weight > T(-0.5)) ? self + V(weight) * (end - self)
                                                : end - (end - self) * V(T(1) - weight);
+}
+
+// Adam's moments, in torch's order: exp_avg.lerp_(g, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2).
+template <typename V, typename T>
+C10_HOST_DEVICE inline void adam_moments(V& exp_avg, V& exp_avg_sq, const V& g, T one_minus_beta1, T beta2,
+                                         T one_minus_beta2) {
+  exp_avg = lerp(exp_avg, g, one_minus_beta1);
+  exp_avg_sq = exp_avg_sq * V(beta2) + V(one_minus_beta2) * g * g;
 }
 
 // torch.maximum propagates NaN; std::max/fmax do not. at::vec::maximum does (found by ADL on Vectorized).

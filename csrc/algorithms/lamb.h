@@ -60,8 +60,7 @@ struct Lamb {
     template <typename V>
     C10_HOST_DEVICE V direction(const V& param, const V& grad, V& exp_avg, V& exp_avg_sq) const {
       const V g = kMaximize ? -grad : grad;
-      exp_avg = lerp(exp_avg, g, one_minus_beta1);
-      exp_avg_sq = exp_avg_sq * V(beta2) + V(one_minus_beta2) * g * g;
+      adam_moments(exp_avg, exp_avg_sq, g, one_minus_beta1, beta2, one_minus_beta2);
       const V denom = sqrt_of(exp_avg_sq / V(bias_correction2)) + V(eps);
       return weight_decayed(exp_avg / V(bias_correction1) / denom, param, weight_decay);
     }

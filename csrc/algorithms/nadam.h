@@ -61,18 +61,10 @@ struct NAdam {
 
     template <typename V>
     C10_HOST_DEVICE void operator()(V& param, V grad, V* state) const {
-      V g = kMaximize ? -grad : grad;
-      if (weight_decay != T(0)) {
-        if constexpr (kDecoupled) {
-          param = param * V(decay_factor);
-        } else {
-          g = g + V(weight_decay) * param;
-        }
-      }
+      const V g = adam_gradient<kMaximize, kDecoupled>(param, grad, weight_decay, decay_factor);
       V& exp_avg = state[D::state(kFlags, "exp_avg")];
       V& exp_avg_sq = state[D::state(kFlags, "exp_avg_sq")];
-      exp_avg = lerp(exp_avg, g, one_minus_beta1);
-      exp_avg_sq = exp_avg_sq * V(beta2) + V(one_minus_beta2) * g * g;
+      adam_moments(exp_avg, exp_avg_sq, g, one_minus_beta1, beta2, one_minus_beta2);
       const V denom = sqrt_of(exp_avg_sq / V(bias_correction2)) + V(eps);
       param = addcdiv(param, grad_step, g, denom);
       param = addcdiv(param, avg_step, exp_avg, denom);

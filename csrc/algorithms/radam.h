@@ -59,18 +59,10 @@ struct RAdam {
 
     template <typename V>
     C10_HOST_DEVICE void operator()(V& param, V grad, V* state) const {
-      V g = kMaximize ? -grad : grad;
-      if (weight_decay != T(0)) {
-        if constexpr (kDecoupled) {
-          param = param * V(decay_factor);
-        } else {
-          g = g + V(weight_decay) * param;
-        }
-      }
+      const V g = adam_gradient<kMaximize, kDecoupled>(param, grad, weight_decay, decay_factor);
       V& exp_avg = state[D::state(kFlags, "exp_avg")];
       V& exp_avg_sq = state[D::state(kFlags, "exp_avg_sq")];
-      exp_avg = lerp(exp_avg, g, one_minus_beta1);
-      exp_avg_sq = exp_avg_sq * V(beta2) + V(one_minus_beta2) * g * g;
+      adam_moments(exp_avg, exp_avg_sq, g, one_minus_beta1, beta2, one_minus_beta2);
       // torch's order: (exp_avg / bc1) * lr [* (sqrt(bc2) / (sqrt(exp_avg_sq) + eps)) * rect]
       V update = exp_avg / V(bias_correction1) * V(lr);
       if (rectified) {
