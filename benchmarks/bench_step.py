@@ -52,7 +52,7 @@ from benchmarks.common import (ADD_ARRAYS, IMPLS, OPTIMIZERS, RESULTS_DIR, TORCH
                                synchronize, traffic_arrays)
 
 # Wall time of a whole run (measured, see the docstring): stated once, here, for the docstring and --help
-QUICK_DURATION = "about a minute on 2 idle cores (measured: 52 s), several times longer when other jobs share them"
+QUICK_DURATION = "about 3 minutes on 2 cores (measured: 187 s for 17 configurations), longer when other jobs share them"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
