@@ -177,6 +177,6 @@ setup(
     install_requires=["torch"],
     extras_require={
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "matplotlib", "tqdm"],
     },
 )

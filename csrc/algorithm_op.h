@@ -18,7 +18,9 @@ namespace fusedopt {
 inline constexpr const char* kStepSchemaTail =
     ", Tensor?[] momenta, Tensor? grad_scale=None, Tensor? skip_if=None, Tensor(x!)? found_inf=None, "
     "Tensor(y!)? grad_stats=None, float max_grad_norm=0., int phases=2, Tensor(z!)? schedule_lrs=None, "
-    "Tensor(w!)? schedule_momenta=None, Tensor(v!)? schedule_state=None, Tensor? schedule_program=None) -> ()";
+    "Tensor(w!)? schedule_momenta=None, Tensor(v!)? schedule_state=None, Tensor? schedule_program=None, "
+    "Tensor(m!)[]? master_params=None, Tensor(k!)[]? kahan_comp=None, str param_rounding=\"nearest\", "
+    "Tensor(r!)? rng_state=None) -> ()";
 
 // params, grads, one mutable list per state buffer and per scalar (named as the declaration names them), the
 // table arguments, one bool per option, then the tail every op shares.

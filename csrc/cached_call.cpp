@@ -129,6 +129,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("grads_ready", &fusedopt::CachedCall::grads_ready)
       .def("run", &fusedopt::CachedCall::run);
   m.def("none_has_grad", &fusedopt::none_has_grad, "True when no tensor in the list has a .grad");
+  m.def(
+      "param_rounding_modes",
+      [] { return std::vector<std::string>(fusedopt::kRoundingNames.begin(), fusedopt::kRoundingNames.end()); },
+      "The values the step ops' param_rounding argument takes (csrc/storage.h)");
   fusedopt::register_plan_guard(m);
   fusedopt::register_grad_check(m);
   fusedopt::register_algorithm_specs(m);

@@ -39,6 +39,25 @@ struct TensorSumKernels {
   static inline TensorSumFn<scalar_t, Rule> by_variant[kNumVariants] = {};
 };
 
+// The stored path (csrc/storage.h, csrc/cpu/stored_update.h): the same as UpdateFn / TensorSumFn for a launch
+// whose params and states are stored in other dtypes or rounded otherwise than to nearest; `store` says how.
+// One kernel per fp32 rule serves every storage dtype.
+template <typename Rule>
+using StoredUpdateFn = void (*)(const TensorEntry& entry, const ElementStore& store, const Rule& rule,
+                                float grad_factor, int64_t begin, int64_t end);
+template <typename Rule>
+using StoredSumFn = void (*)(const TensorEntry& entry, const ElementStore& store, const Rule& rule, float grad_factor,
+                             int64_t begin, int64_t end, double* sums);
+
+template <typename Rule>
+struct StoredUpdateKernels {
+  static inline StoredUpdateFn<Rule> by_variant[kNumVariants] = {};
+};
+template <typename Rule>
+struct StoredSumKernels {
+  static inline StoredSumFn<Rule> by_variant[kNumVariants] = {};
+};
+
 // Fills one variant's slots for every kernel of one algorithm (csrc/cpu/update_kernels.h).
 using KernelRegistrar = void (*)();
 

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -33,6 +34,20 @@ inline T to_math(scalar_t v) {
 template <>
 inline float to_math<float, c10::BFloat16>(c10::BFloat16 v) {
   return c10::bit_cast<float>(uint32_t(v.x) << 16);
+}
+
+template <typename Rule>
+StoredUpdateFn<Rule> stored_update_kernel() {
+  const StoredUpdateFn<Rule> fn = StoredUpdateKernels<Rule>::by_variant[active_variant()];
+  TORCH_CHECK(fn != nullptr, "fusedopt: no stored-path CPU kernel for this update rule");
+  return fn;
+}
+
+template <typename Rule>
+StoredSumFn<Rule> stored_sum_kernel() {
+  const StoredSumFn<Rule> fn = StoredSumKernels<Rule>::by_variant[active_variant()];
+  TORCH_CHECK(fn != nullptr, "fusedopt: no stored-path CPU tensor-sums kernel for this update rule");
+  return fn;
 }
 
 template <typename scalar_t, typename Rule>
@@ -101,6 +116,16 @@ class RuleCache {
 // Below this many elements a single thread is faster than waking the pool.
 constexpr int64_t kSerialBelow = 1 << 16;
 
+// Whether this launch runs the stored path (csrc/storage.h): only fp32 rules have one (fp64 params are never
+// stored otherwise than plainly; ops.cpp rejects the combinations that would need it).
+template <typename Rule>
+bool stored_path(const TableHeader& header) {
+  const bool stored = header.storage.stored != 0;
+  constexpr bool kFloatRule = std::is_same_v<typename Rule::opmath_t, float>;
+  TORCH_INTERNAL_ASSERT(!stored || kFloatRule, "fusedopt: stored fp64 launch");
+  return stored;
+}
+
 // Every tensor's sums (kTensorSums of them per tensor, tensor-major) before any update, for an algorithm that
 // declares some; empty otherwise. Per-chunk partials are added in chunk order: the result does not depend on
 // the thread count.
@@ -112,11 +137,21 @@ std::vector<double> tensor_sums(const TableView& table, typename Rule::opmath_t 
     return {};
   } else {
     const TableHeader& header = table.header();
-    const TensorSumFn<scalar_t, Rule> accumulate = tensor_sum_kernel<scalar_t, Rule>();
     std::vector<double> partials(header.num_chunks * kSums, 0.0);
-    for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk, RuleCache<Rule>& rules) {
-      accumulate(entry, rules(entry), grad_factor, start, stop, partials.data() + chunk * kSums);
-    });
+    if (stored_path<Rule>(header)) {
+      if constexpr (std::is_same_v<typename Rule::opmath_t, float>) {
+        const StoredSumFn<Rule> accumulate = stored_sum_kernel<Rule>();
+        for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk, RuleCache<Rule>& rules) {
+          const ElementStore store = element_store(header.storage, nullptr, 0);  // sums read only: no rounding
+          accumulate(entry, store, rules(entry), grad_factor, start, stop, partials.data() + chunk * kSums);
+        });
+      }
+    } else {
+      const TensorSumFn<scalar_t, Rule> accumulate = tensor_sum_kernel<scalar_t, Rule>();
+      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk, RuleCache<Rule>& rules) {
+        accumulate(entry, rules(entry), grad_factor, start, stop, partials.data() + chunk * kSums);
+      });
+    }
     std::vector<double> sums(header.num_tensors * kSums, 0.0);
     for (int64_t t = 0; t < header.num_tensors; ++t) {
       for (int64_t chunk = table.first_chunk()[t]; chunk < table.first_chunk()[t + 1]; ++chunk) {
@@ -178,11 +213,24 @@ struct CpuRunner {
       const T grad_factor = T(adjust.factor);
       const std::vector<double> sums = tensor_sums<scalar_t, Rule>(table, grad_factor, for_each_chunk);
       constexpr int kSums = Declared<typename Rule::Algorithm>::num_tensor_sums();
-      const UpdateFn<scalar_t, Rule> update = update_kernel<scalar_t, Rule>();
-      for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t, RuleCache<Rule>& rules) {
-        const int64_t t = &entry - table.tensors();
-        update(entry, rules(entry, kSums > 0 ? sums.data() + t * kSums : nullptr), grad_factor, start, stop);
-      });
+      auto sums_of = [&](const TensorEntry& entry) {
+        return kSums > 0 ? sums.data() + (&entry - table.tensors()) * kSums : nullptr;
+      };
+      if (stored_path<Rule>(header)) {
+        if constexpr (std::is_same_v<typename Rule::opmath_t, float>) {
+          const StoredUpdateFn<Rule> update = stored_update_kernel<Rule>();
+          for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t, RuleCache<Rule>& rules) {
+            const ElementStore store = element_store(header.storage, args.rng, &entry - table.tensors());
+            update(entry, store, rules(entry, sums_of(entry)), grad_factor, start, stop);
+          });
+        }
+        if (args.rng != nullptr && header.storage.rounding == kStochastic) args.rng[1] += 1;  // after every read
+      } else {
+        const UpdateFn<scalar_t, Rule> update = update_kernel<scalar_t, Rule>();
+        for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t, RuleCache<Rule>& rules) {
+          update(entry, rules(entry, sums_of(entry)), grad_factor, start, stop);
+        });
+      }
       // Only after every chunk has read the scalar state and lr, and before the schedule changes the lr.
       for (int64_t t = 0; t < header.num_tensors; ++t) table.store_scalars<typename Rule::Algorithm>(t);
       const ScheduleArgs& schedule = args.schedule;

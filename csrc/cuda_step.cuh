@@ -24,6 +24,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -102,10 +103,33 @@ __device__ __forceinline__ void update_chunk(const TensorEntry& e, const Rule& r
   }
 }
 
+// The stored path (csrc/storage.h): the kernel's scalar_t for a launch whose params and states are stored in
+// other dtypes or rounded otherwise than to nearest. One kernel per fp32 rule serves every storage dtype: the
+// element types are read from the table (one uniform branch per access), and each element is loaded, updated
+// and stored by the same functions the CPU kernels use, so both round identically.
+struct StoredElements {};
+
+template <typename Rule>
+__device__ __forceinline__ void stored_update_chunk(const TensorEntry& e, const ElementStore& store, const Rule& rule,
+                                                    float grad_factor, int64_t begin, int64_t end) {
+  constexpr int kStates = Rule::kNumStates;
+  const StoragePolicy& policy = store.policy;
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    float p = load_param(store, e.param, e.extra, i);
+    float s[kStates > 0 ? kStates : 1];
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) s[k] = load_as_float(e.state[k], i, policy.state_type);
+    rule(p, load_as_float(e.grad, i, policy.param_type) * grad_factor, s);
+    store_param(store, e.param, e.extra, i, p);
+#pragma unroll
+    for (int k = 0; k < kStates; ++k) store_state(store, e.state[k], k, i, s[k]);
+  }
+}
+
 // This thread's share of a chunk's grad statistics: sum of squares (in double, as the norm of many tensors
 // must not lose the small ones) and whether any element is inf or NaN.
 template <typename scalar_t>
-__device__ __forceinline__ void reduce_chunk(const TensorEntry& e, int64_t begin, int64_t end, double& sum_sq,
+__device__ __forceinline__ void reduce_plain_chunk(const TensorEntry& e, int64_t begin, int64_t end, double& sum_sq,
                                              bool& nonfinite) {
   using T = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
@@ -126,6 +150,21 @@ __device__ __forceinline__ void reduce_chunk(const TensorEntry& e, int64_t begin
     begin = packed_end;
   }
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) add(grad[i]);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void reduce_chunk(const TableView& table, const TensorEntry& e, int64_t begin,
+                                             int64_t end, double& sum_sq, bool& nonfinite) {
+  if constexpr (std::is_same_v<scalar_t, StoredElements>) {
+    const int32_t type = table.header().storage.param_type;
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const float g = load_as_float(e.grad, i, type);
+      nonfinite |= is_nonfinite(g);
+      sum_sq += double(g) * double(g);
+    }
+  } else {
+    reduce_plain_chunk<scalar_t>(e, begin, end, sum_sq, nonfinite);
+  }
 }
 
 // A launch's scratch space, in int64 words: [0] the blocks-done counter (self-resetting), then capacity
@@ -214,20 +253,28 @@ __device__ __forceinline__ void chunk_bounds(const TableView& table, int64_t chu
 
 // This thread's share of a chunk's tensor terms (the rule's tensor_terms, on copies of the state), in double.
 template <typename scalar_t, typename Rule>
-__device__ __forceinline__ void tensor_terms_chunk(const TensorEntry& e, const Rule& rule,
+__device__ __forceinline__ void tensor_terms_chunk(const TensorEntry& e, const ElementStore& store, const Rule& rule,
                                                    typename Rule::opmath_t grad_factor, int64_t begin, int64_t end,
                                                    double (&sums)[kMaxTensorSums]) {
   using T = typename Rule::opmath_t;
   constexpr int kStates = Rule::kNumStates;
   constexpr int kSums = Declared<typename Rule::Algorithm>::num_tensor_sums();
-  const scalar_t* param = static_cast<const scalar_t*>(e.param);
-  const scalar_t* grad = static_cast<const scalar_t*>(e.grad);
+  using Stored = std::conditional_t<std::is_same_v<scalar_t, StoredElements>, float, scalar_t>;  // unused if stored
+  const Stored* param = static_cast<const Stored*>(e.param);
+  const Stored* grad = static_cast<const Stored*>(e.grad);
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
     T s[kStates > 0 ? kStates : 1];
-#pragma unroll
-    for (int k = 0; k < kStates; ++k) s[k] = T(static_cast<const scalar_t*>(e.state[k])[i]);
     T terms[kSums];
-    rule.tensor_terms(T(param[i]), T(grad[i]) * grad_factor, s, terms);
+    if constexpr (std::is_same_v<scalar_t, StoredElements>) {
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) s[k] = load_as_float(e.state[k], i, store.policy.state_type);
+      rule.tensor_terms(load_param(store, e.param, e.extra, i),
+                        load_as_float(e.grad, i, store.policy.param_type) * grad_factor, s, terms);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kStates; ++k) s[k] = T(static_cast<const scalar_t*>(e.state[k])[i]);
+      rule.tensor_terms(T(param[i]), T(grad[i]) * grad_factor, s, terms);
+    }
 #pragma unroll
     for (int k = 0; k < kSums; ++k) sums[k] += double(terms[k]);
   }
@@ -245,7 +292,8 @@ __device__ __forceinline__ void accumulate_tensor_sums(const TableView& table, c
     chunk_bounds(table, chunk, t, begin, end);
     const TensorEntry entry = table.tensors()[t];
     double sums[kMaxTensorSums] = {};
-    tensor_terms_chunk<scalar_t>(entry, table.rule_for<Rule>(entry), grad_factor, begin, end, sums);
+    const ElementStore store = element_store(table.header().storage, nullptr, t);  // read only: no rounding
+    tensor_terms_chunk<scalar_t>(entry, store, table.rule_for<Rule>(entry), grad_factor, begin, end, sums);
     block_sum(sums[0], sums[1]);
     if (threadIdx.x == 0) {
       for (int k = 0; k < kSums; ++k) ws.chunk_sums[chunk * kSums + k] = sums[k];
@@ -296,7 +344,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t chunk = blockIdx.x; chunk < num_chunks; chunk += gridDim.x) {
       int64_t t, begin, end;
       chunk_bounds(table, chunk, t, begin, end);
-      reduce_chunk<scalar_t>(table.tensors()[t], begin, end, sum_sq, nonfinite);
+      reduce_chunk<scalar_t>(table, table.tensors()[t], begin, end, sum_sq, nonfinite);
     }
     double block_nonfinite = nonfinite ? 1.0 : 0.0;
     block_sum(sum_sq, block_nonfinite);
@@ -347,8 +395,12 @@ __global__ void __launch_bounds__(kThreads)
         if (t != summed) tensor_totals<kSums>(table, ws, t, totals);
         summed = t;
       }
-      update_chunk<scalar_t>(entry, table.rule_for<Rule>(entry, kSums > 0 ? totals : nullptr), T(adjust.factor),
-                             begin, end);
+      const Rule rule = table.rule_for<Rule>(entry, kSums > 0 ? totals : nullptr);
+      if constexpr (std::is_same_v<scalar_t, StoredElements>) {
+        stored_update_chunk(entry, element_store(header.storage, args.rng, t), rule, T(adjust.factor), begin, end);
+      } else {
+        update_chunk<scalar_t>(entry, rule, T(adjust.factor), begin, end);
+      }
     }
   }
 
@@ -358,6 +410,10 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t num_tensors = header.num_tensors;
     for (int64_t t = threadIdx.x; t < num_tensors; t += blockDim.x) {
       table.store_scalars<typename Rule::Algorithm>(t);
+    }
+    if constexpr (std::is_same_v<scalar_t, StoredElements>) {
+      // Every block has drawn this launch's random streams: the next launch gets new ones.
+      if (threadIdx.x == 0 && args.rng != nullptr && header.storage.rounding == kStochastic) args.rng[1] += 1;
     }
     __syncthreads();  // the scalars' advance reads the lrs the schedule is about to change
     const ScheduleArgs& schedule = args.schedule;
@@ -537,6 +593,23 @@ struct CudaRunner {
       ws = workspace_at(words + table_words(header.num_tensors, header.num_groups), limits.workspace_capacity);
     }
 
+    if (header.storage.stored != 0) {
+      if constexpr (std::is_same_v<typename Rule::opmath_t, float>) {
+        launch<StoredElements, Rule>(prepared, stream, limits, table, ws);
+      } else {
+        TORCH_INTERNAL_ASSERT(false, "fusedopt: stored fp64 launch");
+      }
+    } else {
+      launch<scalar_t, Rule>(prepared, stream, limits, table, ws);
+    }
+  }
+
+  // One step's kernel launches: one (cooperative where phases need a grid barrier), or one per phase.
+  template <typename scalar_t, typename Rule>
+  static void launch(PreparedStep& prepared, cudaStream_t stream, const DeviceLimits& limits, const int64_t* table,
+                     const LaunchWorkspace& ws) {
+    const TableHeader& header = prepared.host.header();
+    const c10::DeviceIndex device = prepared.device.index();
     auto kernel = fused_step_kernel<scalar_t, Rule>;
     const int64_t blocks = std::max<int64_t>(
         1, std::min({header.num_chunks, resident_blocks<scalar_t, Rule>(device), limits.workspace_capacity}));

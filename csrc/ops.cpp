@@ -18,14 +18,67 @@ std::string describe(const at::Tensor& t) {
   return out.str();
 }
 
-// Every tensor the kernel touches for entry i must match the param in shape, dtype and device.
-void check_like_param(std::string_view op, const char* what, size_t index, const at::Tensor& t, const at::Tensor& param) {
+bool given(const OptionalTensor& t) { return t.has_value() && t->defined(); }
+
+// Every tensor the kernel touches for entry i must match the param in shape and device, and have `dtype` (the
+// param's, but for state buffers of another state dtype and fp32 master params).
+void check_like_param(std::string_view op, const char* what, size_t index, const at::Tensor& t, const at::Tensor& param,
+                      at::ScalarType dtype) {
   TORCH_CHECK(t.defined(), "fusedopt.", op, ": ", what, "[", index, "] is undefined");
   TORCH_CHECK(t.layout() == at::kStrided, "fusedopt.", op, ": ", what, "[", index,
               "] is sparse; fusedopt optimizers do not support sparse gradients");
-  TORCH_CHECK(t.scalar_type() == param.scalar_type() && t.device() == param.device() && t.sizes() == param.sizes(),
+  TORCH_CHECK(t.scalar_type() == dtype && t.device() == param.device() && t.sizes() == param.sizes(),
               "fusedopt.", op, ": ", what, "[", index, "] is ", describe(t), " but params[", index, "] is ",
-              describe(param));
+              describe(param), (dtype == param.scalar_type() ? std::string() : " (expected dtype " +
+              std::string(c10::toString(dtype)) + ")"));
+}
+
+bool is_low_precision(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
+
+StoredType stored_type(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 ? kStoredBFloat16 : dtype == at::kHalf ? kStoredHalf : kStoredFloat;
+}
+
+// The launch's storage policy (csrc/storage.h), validated: which rounding, which buffers, which dtypes. Plain
+// (stored == 0) unless a master copy, a compensation buffer, stochastic rounding of a low-precision tensor or a
+// state dtype other than the params' asks for the stored kernels.
+StoragePolicy storage_policy(const StepInputs& in, at::ScalarType param_dtype, at::ScalarType state_dtype) {
+  const std::string_view op = in.op_name;
+  const StepExtras& x = in.extras;
+  const auto found = std::find(kRoundingNames.begin(), kRoundingNames.end(), x.param_rounding);
+  TORCH_CHECK(found != kRoundingNames.end(), "fusedopt.", op, ": param_rounding must be one of nearest, stochastic, "
+              "kahan, got ", x.param_rounding);
+  const auto rounding = Rounding(found - kRoundingNames.begin());
+  const bool master = !x.master_params.empty(), kahan = !x.kahan_comp.empty();
+  const size_t n = in.params.size();
+  TORCH_CHECK(!master || x.master_params.size() == n, "fusedopt.", op, ": got ", n, " params but ",
+              x.master_params.size(), " master_params");
+  TORCH_CHECK(!kahan || x.kahan_comp.size() == n, "fusedopt.", op, ": got ", n, " params but ", x.kahan_comp.size(),
+              " kahan_comp buffers");
+  TORCH_CHECK(kahan == (rounding == kKahan), "fusedopt.", op,
+              ": param_rounding=\"kahan\" and kahan_comp go together (one compensation buffer per param)");
+  TORCH_CHECK(!(master && kahan), "fusedopt.", op, ": master_params and Kahan compensation exclude each other");
+  TORCH_CHECK(!(master || kahan) || is_low_precision(param_dtype), "fusedopt.", op,
+              ": master_params and kahan_comp are for bfloat16/float16 params, got ", param_dtype);
+  const bool float_types = param_dtype != at::kDouble && state_dtype != at::kDouble;
+  TORCH_CHECK(state_dtype == param_dtype || (float_types && (state_dtype == at::kFloat || is_low_precision(state_dtype))),
+              "fusedopt.", op, ": state buffers of dtype ", state_dtype, " for ", param_dtype,
+              " params: the state dtype may differ from the params' only among float32, bfloat16 and float16");
+  const bool stochastic = rounding == kStochastic && (is_low_precision(param_dtype) || is_low_precision(state_dtype));
+  if (rounding == kStochastic) {
+    TORCH_CHECK(given(x.rng_state) && x.rng_state->scalar_type() == at::kLong && x.rng_state->numel() == 2 &&
+                    x.rng_state->is_contiguous() && x.rng_state->device() == in.params[0].device(),
+                "fusedopt.", op, ": stochastic rounding needs rng_state, a contiguous int64 tensor [seed, counter] "
+                "on ", in.params[0].device());
+  }
+  StoragePolicy policy{};
+  policy.stored = master || kahan || stochastic || state_dtype != param_dtype;
+  policy.rounding = rounding;
+  policy.param_type = stored_type(param_dtype);
+  policy.state_type = stored_type(state_dtype);
+  policy.has_master = master;
+  policy.has_kahan = kahan;
+  return policy;
 }
 
 // A 1-element tensor of `dtype` on `device`, when given.
@@ -35,8 +88,6 @@ void check_scalar(std::string_view op, const char* what, const OptionalTensor& t
   TORCH_CHECK(t->numel() == 1 && t->scalar_type() == dtype && t->device() == device, "fusedopt.", op, ": ", what,
               " must be a 1-element ", dtype, " tensor on ", device, ", got ", describe(*t));
 }
-
-bool given(const OptionalTensor& t) { return t.has_value() && t->defined(); }
 
 void validate_extras(const StepInputs& in, const at::Device& device) {
   const std::string_view op = in.op_name;
@@ -92,7 +143,8 @@ void validate_extras(const StepInputs& in, const at::Device& device) {
   }
 }
 
-void validate(const StepInputs& in) {
+// Returns the launch's storage policy (plain for an empty launch).
+StoragePolicy validate(const StepInputs& in) {
   const std::string_view op = in.op_name;
   const size_t n = in.params.size();
   TORCH_CHECK(in.grads.size() == n, "fusedopt.", op, ": got ", n, " params but ", in.grads.size(), " grads");
@@ -114,12 +166,15 @@ void validate(const StepInputs& in) {
     previous_end = end;
   }
   TORCH_CHECK(previous_end == int64_t(n), "fusedopt.", op, ": group_ends must end at the number of params");
-  if (n == 0) return;
+  if (n == 0) return StoragePolicy{};
 
   const at::Tensor& first = in.params[0];
   const auto dtype = first.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "fusedopt.", op, ": params must be float32, float64, float16 or bfloat16, got ", dtype);
+  // One state dtype per launch: the first buffer's (the params' when there is none).
+  const at::ScalarType state_dtype =
+      !in.states.empty() && in.states[0][0].defined() ? in.states[0][0].scalar_type() : dtype;
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& param = in.params[i];
     TORCH_CHECK(param.scalar_type() == dtype && param.device() == first.device() && param.layout() == at::kStrided,
@@ -127,7 +182,11 @@ void validate(const StepInputs& in) {
                 describe(param), ", params[0] is ", describe(first));
     const std::string problem = grad_problem(param, in.grads[i]);
     TORCH_CHECK(problem.empty(), "fusedopt.", op, ": grads[", i, "]: ", problem);
-    for (const auto& list : in.states) check_like_param(op, "state", i, list[i], param);
+    for (const auto& list : in.states) check_like_param(op, "state", i, list[i], param, state_dtype);
+    if (!in.extras.master_params.empty()) {
+      check_like_param(op, "master_params", i, in.extras.master_params[i], param, at::kFloat);
+    }
+    if (!in.extras.kahan_comp.empty()) check_like_param(op, "kahan_comp", i, in.extras.kahan_comp[i], param, dtype);
     for (const auto& list : in.scalars) {
       const at::Tensor& scalar = list[i];
       TORCH_CHECK(scalar.defined() && scalar.numel() == 1 && scalar.scalar_type() == at::kFloat &&
@@ -146,6 +205,7 @@ void validate(const StepInputs& in) {
     }
   }
   validate_extras(in, first.device());
+  const StoragePolicy storage = storage_policy(in, dtype, state_dtype);
   const int64_t words = table_words(n, num_groups);
   TORCH_CHECK(in.host_table.device().is_cpu() && in.host_table.scalar_type() == at::kLong &&
                   in.host_table.is_contiguous() && in.host_table.numel() == words,
@@ -159,6 +219,7 @@ void validate(const StepInputs& in) {
                 "fusedopt.", op, ": device_table must be a contiguous int64 tensor of ", words, " elements on ",
                 first.device());
   }
+  return storage;
 }
 
 // The kernels walk each tensor as one flat array, so param, grad and state must share one dense layout. Where
@@ -169,7 +230,7 @@ void* dense_data(const at::Tensor& t, const at::Tensor& reference, PreparedStep&
   if ((t.is_contiguous() && reference.is_contiguous()) || t.numel() == 0 || t.strides() == reference.strides()) {
     return t.data_ptr();
   }
-  at::Tensor copy = at::empty_like(reference);
+  at::Tensor copy = at::empty_like(reference, reference.options().dtype(t.scalar_type()));
   copy.copy_(t);
   void* data = copy.data_ptr();
   if (mutated) {
@@ -190,6 +251,7 @@ StepArgs step_args(const StepExtras& x) {
   args.found_inf = static_cast<float*>(pointer(x.found_inf));
   args.grad_stats = static_cast<double*>(pointer(x.grad_stats));
   args.max_grad_norm = x.max_grad_norm;
+  args.rng = x.param_rounding == kRoundingNames[kStochastic] ? static_cast<int64_t*>(pointer(x.rng_state)) : nullptr;
   ScheduleArgs& schedule = args.schedule;
   schedule.groups = given(x.schedule_lrs) ? x.schedule_lrs->numel() : 0;
   schedule.lrs = static_cast<double*>(pointer(x.schedule_lrs));
@@ -209,7 +271,7 @@ std::atomic<bool>& cooperative_launch_enabled() {
 }
 
 PreparedStep prepare_step(const StepInputs& in) {
-  validate(in);
+  const StoragePolicy storage = validate(in);
   PreparedStep prepared;
   const int64_t n = in.params.size();
   if (n == 0) return prepared;
@@ -259,6 +321,8 @@ PreparedStep prepare_step(const StepInputs& in) {
     for (int k = 0; k < kMaxScalars; ++k) {
       e.scalars[k] = k < int(in.scalars.size()) ? in.scalars[k][i].data_ptr<float>() : nullptr;
     }
+    const TensorSpan& extras = in.extras.master_params.empty() ? in.extras.kahan_comp : in.extras.master_params;
+    e.extra = extras.empty() ? nullptr : dense_data(extras[i], *param, prepared, true);
     e.numel = param->numel();
     e.group = int32_t(group);
     e.fresh_state = in.fresh_state.empty() ? 0 : int32_t(in.fresh_state[i] != 0);
@@ -291,6 +355,10 @@ PreparedStep prepare_step(const StepInputs& in) {
     }
   }
 
+  if (std::memcmp(&header.storage, &storage, sizeof(StoragePolicy)) != 0) {
+    if (!changed) mark_changed();
+    header.storage = storage;
+  }
   if (header.momentum_slot != in.momentum_slot) {
     if (!changed) mark_changed();
     header.momentum_slot = in.momentum_slot;

@@ -53,6 +53,11 @@ struct StepExtras {
   OptionalTensor schedule_momenta;
   OptionalTensor schedule_state;
   OptionalTensor schedule_program;
+  // Low-precision storage (csrc/storage.h): no lists, "nearest" and no rng_state for the plain kernels.
+  TensorSpan master_params;
+  TensorSpan kahan_comp;
+  std::string_view param_rounding;
+  OptionalTensor rng_state;
 };
 
 struct StepInputs {
@@ -84,6 +89,11 @@ class BoxedArgs {
     return stack_[first_ + *index];
   }
   TensorSpan tensors(std::string_view name) const { return TensorSpan((*this)[name].toListRef()); }
+  // A Tensor[]? argument: None reads as an empty list.
+  TensorSpan optional_tensors(std::string_view name) const {
+    const c10::IValue& value = (*this)[name];
+    return value.isNone() ? TensorSpan() : TensorSpan(value.toListRef());
+  }
   bool flag(std::string_view name) const { return (*this)[name].toBool(); }
   OptionalTensor optional(std::string_view name) const { return (*this)[name].toOptional<at::Tensor>(); }
 
@@ -97,7 +107,9 @@ class BoxedArgs {
                       StepExtras{a["momenta"].to<OptionalTensorList>(), a.optional("grad_scale"), a.optional("skip_if"),
                                  a.optional("found_inf"), a.optional("grad_stats"), a["max_grad_norm"].toDouble(),
                                  a["phases"].toInt(), a.optional("schedule_lrs"), a.optional("schedule_momenta"),
-                                 a.optional("schedule_state"), a.optional("schedule_program")}};
+                                 a.optional("schedule_state"), a.optional("schedule_program"),
+                                 a.optional_tensors("master_params"), a.optional_tensors("kahan_comp"),
+                                 a["param_rounding"].toStringView(), a.optional("rng_state")}};
   }
 
   // The op returns nothing: pop its arguments.

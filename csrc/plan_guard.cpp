@@ -10,8 +10,8 @@
 // different length. Recorded objects are held by strong reference, so no new object can reuse an address.
 //
 // In-place changes to a tensor (`.zero_()`, `.data = other`) keep its identity; the kernels re-read data
-// pointers every step, and the guard checks that every state tensor still matches its param in shape, dtype
-// and device, so a step never starts on tensors the op would reject half-way through a multi-launch step.
+// pointers every step, and the guard checks that every state tensor still matches its param in shape and device
+// and keeps its dtype, so a step never starts on tensors the op would reject half-way through a multi-launch step.
 // Complex params and states reach the kernels through real views, which `.data = other` leaves pointing at the
 // old storage: the guard checks that each view still views its source.
 #include "plan_guard.h"
@@ -39,6 +39,7 @@ class PlanGuard {
                           state_tensors_.size() + states[i].size(), scalar_tensors_.size(),
                           scalar_tensors_.size() + scalars[i].size()});
       state_tensors_.insert(state_tensors_.end(), states[i].begin(), states[i].end());
+      for (const at::Tensor& state : states[i]) state_dtypes_.push_back(state.scalar_type());
       scalar_tensors_.insert(scalar_tensors_.end(), scalars[i].begin(), scalars[i].end());
     }
     views_.assign(views.begin(), views.end());
@@ -126,7 +127,7 @@ class PlanGuard {
     const at::IntArrayRef sizes = param.sizes();
     for (size_t s = entry.states_begin; s < entry.states_end; ++s) {
       const at::Tensor& state = state_tensors_[s];
-      if (state.scalar_type() != entry.dtype || state.device() != entry.device || state.sizes() != sizes) {
+      if (state.scalar_type() != state_dtypes_[s] || state.device() != entry.device || state.sizes() != sizes) {
         return false;
       }
     }
@@ -154,6 +155,9 @@ class PlanGuard {
   bool unsupported_ = false;
   std::vector<Entry> entries_;
   std::vector<at::Tensor> state_tensors_;
+  // Each state tensor's dtype when the plan was built: the param's, or the optimizer's state dtype, or float32
+  // for a master copy (csrc/storage.h). The launch was chosen by it.
+  std::vector<at::ScalarType> state_dtypes_;
   std::vector<at::Tensor> scalar_tensors_;
   std::vector<std::pair<at::Tensor, at::Tensor>> views_;
 };

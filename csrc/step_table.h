@@ -16,6 +16,7 @@
 #include <utility>
 
 #include "algorithm.h"
+#include "storage.h"
 
 namespace fusedopt {
 
@@ -51,6 +52,8 @@ struct TableHeader {
   // Host bookkeeping, ignored by the kernels: the eager device copy misses a change that was written while
   // a step was being captured (the capture uploaded it to its own snapshot only).
   int64_t device_copy_stale;
+  // How params and states are stored and rounded (csrc/storage.h); stored == 0 for the plain kernels.
+  StoragePolicy storage;
 };
 
 // A device LR schedule advanced after a launch's update (csrc/lr_schedule.h), or groups = 0.
@@ -73,6 +76,9 @@ struct StepArgs {
   float* found_inf;         // set to 1 when the step was skipped for a non-finite grad, else 0; or nullptr
   double* grad_stats;       // kGradStats doubles, or nullptr
   double max_grad_norm;     // > 0: clip the global grad norm to it
+  // Stochastic rounding's [seed, counter] (csrc/storage.h), or nullptr; a launch that updates with
+  // stochastic rounding advances the counter once, after every block has read it.
+  int64_t* rng;
   ScheduleArgs schedule;
 };
 
@@ -81,6 +87,7 @@ struct TensorEntry {
   const void* grad;
   void* state[kMaxStates];
   float* scalars[kMaxScalars];  // the param's scalar state (algorithm.h: kScalars), 1-element float32 tensors
+  void* extra;  // StoragePolicy: the fp32 master param or the Kahan compensation buffer, else nullptr
   int64_t numel;
   int32_t group;
   int32_t fresh_state;  // the buffers are created by this step (SGD: torch clones the gradient into them)

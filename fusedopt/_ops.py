@@ -88,6 +88,11 @@ def plan_guard(containers, params, states, scalars, views):
     return _C.PlanGuard(list(containers), list(params), list(states), list(scalars), list(views))
 
 
+def param_rounding_modes():
+    """The step ops' `param_rounding` values, as csrc/storage.h names them; None without the extension."""
+    return tuple(_C.param_rounding_modes()) if EXTENSION_AVAILABLE else None
+
+
 def none_has_grad(params):
     return _C.none_has_grad(params)
 

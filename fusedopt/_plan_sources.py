@@ -20,6 +20,8 @@ class PlanSources:
         self.params.append(row.param)
         self.states.append(buffers)
         self.scalars.append(scalars)
+        # `buffers`: the state buffers in column order, then the low-precision extra (master copy, compensation),
+        # which only bf16/fp16 params have, so a complex param's buffers pair with the launch's columns below
         if row.param.is_complex():  # the kernels see real views, which `.data = ...` on the source leaves stale
             self.views.append((row.param, launch.kernel_params[-1]))
             self.views += [(t, column[-1]) for t, column in zip(buffers, [c for c in launch.state_lists if c])]

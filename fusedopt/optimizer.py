@@ -11,6 +11,10 @@ or the attached device LR schedule change: a fused step updates exactly the tens
 Inside the same launch the kernels also unscale gradients for ``torch.amp.GradScaler`` and skip the whole
 update when one is inf/NaN, clip the global gradient norm (``max_grad_norm``), and advance a per-step device
 LR schedule (``fusedopt.lr_scheduler``): a step never waits for the host.
+
+Every Fused* class also takes the low-precision options ``param_rounding``, ``master_weights``, ``state_dtype``
+and ``seed`` (keyword-only; fusedopt/_low_precision.py documents them, their state keys ``master_param`` and
+``kahan_comp`` and the state dict's ``fusedopt_rng``): they choose how the same launch stores what it computes.
 """
 import inspect
 import math
@@ -19,7 +23,8 @@ import warnings
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import _distributed, _lazy_state, _ops
+from . import _distributed, _lazy_state, _low_precision, _ops
+from ._low_precision import RNG_KEY, LowPrecision, real_dtype
 from ._plan_sources import PlanSources
 
 # StepPhase in csrc/step_table.h
@@ -32,14 +37,18 @@ warnings.filterwarnings("ignore", message="GradScaler is going to stop passing i
 
 
 class _Launch:
-    """One fused op call: the params of one (device, dtype, options) bucket, across param groups."""
+    """One fused op call: the params of one (device, dtype, state dtype, options) bucket, across param groups."""
 
-    def __init__(self, device, options):
+    def __init__(self, device, options, extra_key=None, rounding="nearest"):
         self.device, self.options = device, options
         self.params = []  # the torch params, whose .grad is read every step
         self.kernel_params = []  # what the kernel sees (real views of complex params)
         self.is_complex = []
         self.state_lists = None  # one list per state argument of the op, [] where the options use none
+        # low precision (fusedopt/_low_precision.py): every param of a launch has the same dtype, so all or none
+        # have an extra buffer (master copy or Kahan compensation), and one rounding serves them all
+        self.extra_key, self.rounding = extra_key, rounding
+        self.extras = []
         self.scalar_lists = None  # one list per scalar state of the op (`step`, ...)
         self.fresh_state = []  # buffers that torch would create from this step's gradient (classes that need it)
         self.group_indices = []  # param_groups index of each of this launch's groups
@@ -48,7 +57,7 @@ class _Launch:
         self.cached = None  # the op call with its arguments converted once (fusedopt._C.CachedCall)
         self.advances_schedule = False  # the last launch on the schedule's device advances a per-step schedule
 
-    def add(self, group_index, param, states, scalars, fresh):
+    def add(self, group_index, param, states, scalars, fresh, extra=None):
         if not self.group_indices or self.group_indices[-1] != group_index:
             self.group_indices.append(group_index)
             self.group_ends.append(len(self.params))
@@ -66,6 +75,8 @@ class _Launch:
         for column, scalar in zip(self.scalar_lists, scalars):
             column.append(scalar)
         self.fresh_state.append(int(fresh))
+        if extra is not None:
+            self.extras.append(_distributed.local(extra))
         self.group_ends[-1] = len(self.params)
 
     def allocate_tables(self):
@@ -108,7 +119,24 @@ class _Plan:
 
 
 class FusedOptimizer(torch.optim.Optimizer):
-    """Subclasses set these, and mix in the torch.optim class they replace after this one."""
+    """Subclasses set these, and mix in the torch.optim class they replace after this one.
+
+    Every subclass takes its torch class's arguments plus these keyword-only ones (fusedopt/_low_precision.py
+    documents the last four in full):
+
+    - ``max_grad_norm=None``: clip the global gradient norm inside the step (LAMB's reference owns its own).
+    - ``param_rounding="nearest"`` | ``"stochastic"`` | ``"kahan"``: how bfloat16/float16 params receive their
+      float32 updates. ``"kahan"`` keeps a compensation buffer, state key ``"kahan_comp"`` (param dtype).
+    - ``master_weights=False``: ``True`` keeps a float32 copy of each bfloat16/float16 param, state key
+      ``"master_param"``, which the update is computed on; the param receives its rounding.
+    - ``state_dtype=None`` | ``torch.float32`` | ``torch.bfloat16``: the state buffers' dtype (None: the param's;
+      float64 params keep float64 state).
+    - ``seed=None``: the stochastic-rounding seed (None: drawn from torch's default generator).
+
+    float32/float64 params update exactly as with the default options, whatever these say (but for
+    ``state_dtype``). ``optimizer.low_precision`` holds the options; ``state_dict()`` adds ``"fusedopt_rng"`` with
+    stochastic rounding, ``state_dict_for_torch()`` leaves out everything torch.optim would not have saved.
+    """
 
     _op_name: str  # the torch.ops.fusedopt op; its declaration (csrc/algorithms/) names everything else
     # How torch creates state lazily: False, a param's whole state (and `step`) while its state dict is empty,
@@ -122,6 +150,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} does not support differentiable=True: its fused kernels are not "
                 f"differentiable; use {self._reference_name()}(differentiable=True)"
             )
+        # fusedopt's own options, validated (ValueError) before torch's constructor sees the rest
+        low_precision = LowPrecision.pop_from(kwargs)
         if self._clips_itself():
             # The replaced class takes max_grad_norm (LAMB): its default, validation and attribute.
             super().__init__(params, *args, **kwargs)
@@ -135,21 +165,36 @@ class FusedOptimizer(torch.optim.Optimizer):
             super().__init__(params, *args, **kwargs)  # the torch.optim class: validation, defaults, groups
             # Global gradient-norm clipping inside the step (torch.nn.utils.clip_grad_norm_'s factor); None: off.
             self.max_grad_norm = max_grad_norm
+        # How bf16/fp16 params receive their updates and in which dtype the state lives (read-only).
+        self.low_precision = low_precision
+        low_precision.draw_default_seed()  # after torch's validation: a failing constructor draws nothing
+        if not _ops.EXTENSION_AVAILABLE and not low_precision.is_default:
+            warnings.warn(f"{type(self).__name__}: without the compiled extension torch.optim's step runs, which "
+                          f"ignores {low_precision}", RuntimeWarning, stacklevel=2)
         # GradScaler hands the scale to step() instead of unscaling the grads itself.
         self._step_supports_amp_scaling = True
         self._plan = None
         self._grad_stats = {}  # device -> float64 [sum of squares, non-finite flag], zeroed by the kernels
         self._found_inf = {}  # device -> float32 flag the kernel writes for GradScaler.update()
+        # between load_state_dict's pre- and post-hook: the incoming state tensors as saved, and the rng entry
+        self._loading, self._loading_rng = {}, None
+        self.register_load_state_dict_pre_hook(FusedOptimizer._keep_saved_tensors)
+        self.register_load_state_dict_post_hook(FusedOptimizer._restore_saved_tensors)
         self.register_load_state_dict_post_hook(FusedOptimizer._forget_plan)
+        self.register_state_dict_post_hook(FusedOptimizer._save_rng)
+        self._convert_buffers()
         self._move_scalars()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        # The constructor forwards to torch's: show torch's arguments (and max_grad_norm) to inspect.signature.
+        # The constructor forwards to torch's: show torch's arguments (and max_grad_norm and the low-precision
+        # options) to inspect.signature.
         torch_init = inspect.signature(cls._torch_class().__init__)
         parameters = list(torch_init.parameters.values())[1:]
         if not cls._clips_itself():
             parameters.append(inspect.Parameter("max_grad_norm", inspect.Parameter.KEYWORD_ONLY, default=None))
+        parameters += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+                       for name, default in _low_precision.OPTIONS.items()]
         cls.__signature__ = torch_init.replace(parameters=parameters)
 
     @classmethod
@@ -183,7 +228,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _new_state(self, param, group):
         """Initial values of a param's state where torch does not start at zero: {state key: tensor or number}.
-        Buffers not named here start as zeros like the param, scalars other than `step` are required here."""
+        Buffers not named here start as zeros like the param, scalars other than `step` are required here.
+        `param` stands for the param: its shape, device and layout, in the state dtype (the param itself unless
+        `state_dtype` differs), so that `torch.full_like(param, value)` is the buffer, rounded only once."""
         return {}
 
     # ---- Derived from the declaration ----
@@ -199,9 +246,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         return self._spec.active_states(self._option_values(group))
 
     def _new_buffers(self, param, group):
-        """Every declared buffer and scalar a param's first step creates (scalars as given, converted later)."""
-        initial = self._new_state(param, group)
-        state = {key: initial[key] if key in initial else torch.zeros_like(param, memory_format=torch.preserve_format)
+        """Every declared buffer and scalar a param's first step creates (scalars as given, converted later),
+        the buffers in the state dtype (`state_dtype`: the param's by default)."""
+        dtype = self.low_precision.state_dtype_for(param)
+        preserve = torch.preserve_format
+        like = param if dtype == param.dtype else torch.empty_like(param, dtype=dtype, memory_format=preserve)
+        initial = self._new_state(like, group)
+        state = {key: initial[key] if key in initial
+                 else torch.zeros_like(param, dtype=dtype, memory_format=preserve)
                  for key in self._spec.states}
         state.update({key: initial[key] for key in self._spec.scalars if key != "step"})
         return state
@@ -215,6 +267,57 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _forget_plan(optimizer):
         optimizer._plan = None
         optimizer._move_scalars()
+
+    # torch's load_state_dict casts every state tensor but `step` to its param's dtype: it would round a float32
+    # master copy to bf16 and the moments to the param's dtype. The pre-hook keeps the incoming tensors, the
+    # post-hook puts them back in the dtypes this optimizer keeps them in, so that resuming is exact.
+    @staticmethod
+    def _keep_saved_tensors(optimizer, state_dict):
+        optimizer._loading, optimizer._loading_rng = {}, None
+        if RNG_KEY in state_dict:
+            LowPrecision.check_rng_state_dict(state_dict[RNG_KEY])  # before anything is loaded
+        if _ops.EXTENSION_AVAILABLE:  # else torch's step runs on torch's layout
+            optimizer._loading = _low_precision.saved_tensors(optimizer, state_dict)
+        optimizer._loading_rng = state_dict.get(RNG_KEY)
+
+    @staticmethod
+    def _restore_saved_tensors(optimizer):
+        saved, optimizer._loading = optimizer._loading, {}
+        _low_precision.restore_tensors(optimizer, saved)
+        rng, optimizer._loading_rng = optimizer._loading_rng, None
+        if rng is not None and optimizer.low_precision.stochastic:
+            optimizer.low_precision.load_rng_state_dict(rng)
+
+    @staticmethod
+    def _save_rng(optimizer, state_dict):
+        """state_dict post-hook: the stochastic-rounding stream (seed, each device's counter), so that resuming
+        rounds as the uninterrupted run would. Only with stochastic rounding: otherwise the state dict is
+        torch's."""
+        if optimizer.low_precision.stochastic:
+            state_dict[RNG_KEY] = optimizer.low_precision.rng_state_dict()
+        return state_dict
+
+    def state_dict_for_torch(self):
+        """This optimizer's state dict as torch.optim.<Class> (or the fusedopt.references class) saves it, to
+        continue training there as if torch had trained: ``master_param``, ``kahan_comp`` and ``fusedopt_rng``
+        dropped, state buffers cast to their params' dtypes. (torch.optim also loads ``state_dict()`` itself: it
+        ignores ``fusedopt_rng``, keeps the extras unused and casts the buffers the same way.)"""
+        return _low_precision.for_torch(self, self.state_dict())
+
+    def _convert_buffers(self):
+        """State torch's constructor created (Adagrad's `sum`) in the param's dtype, created again in the state
+        dtype as the first step creates it (converting would round the initial value through the param's dtype)."""
+        if not _ops.EXTENSION_AVAILABLE or self.low_precision.state_dtype is None:
+            return
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state or self.low_precision.state_dtype_for(param) == param.dtype:
+                    continue
+                new = self._new_buffers(param, group)
+                for key in self._spec.states:
+                    if torch.is_tensor(state.get(key)):
+                        state[key] = new[key]
 
     def _move_scalars(self):
         """Every existing scalar state (`step`, ...) onto its param's device: states torch creates up front
@@ -257,12 +360,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             state = _lazy_state.create_state(self, row)
             scalars = [self._scalar_tensor(state, k, param) for k in self._spec.scalars] if row.keeps_state else []
             states = [state[k] if k else None for k in row.keys]
-            real_dtype = torch.view_as_real(param).dtype if param.is_complex() else param.dtype
-            key = (param.device, real_dtype, self._option_values(group), *_distributed.launch_key(param))
+            extra = state[row.extra_key] if row.extra_key else None  # master copy / compensation, bf16/fp16 only
+            # the kernels see real views; one launch's state buffers share one dtype (csrc/ops.cpp)
+            param_dtype = real_dtype(param.dtype)
+            state_dtype = real_dtype(self.low_precision.state_dtype_for(param))
+            options = self._option_values(group)
+            key = (param.device, param_dtype, state_dtype, options, *_distributed.launch_key(param))
             if key not in launches:
-                launches[key] = _Launch(param.device, key[2])
-            launches[key].add(row.group_index, param, states, scalars, row.fresh)
-            watched.add(row, state, [t for t in states if t is not None], scalars, launches[key])
+                launches[key] = _Launch(param.device, options, row.extra_key,
+                                        self.low_precision.launch_rounding(param_dtype, state_dtype))
+            launches[key].add(row.group_index, param, states, scalars, row.fresh, extra)
+            buffers = [t for t in states if t is not None] + ([extra] if extra is not None else [])
+            watched.add(row, state, buffers, scalars, launches[key])
         plan.launches = list(launches.values())
         plan.guard = watched.guard()
         for launch in plan.launches:
@@ -325,6 +434,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         if launch.advances_schedule:
             args.update(schedule_lrs=schedule.lrs, schedule_momenta=schedule.momenta, schedule_state=schedule.state,
                         schedule_program=schedule.program)
+        args.update(self._storage_arguments(launch))
+        return args
+
+    def _storage_arguments(self, launch):
+        """How the launch stores what it computes (fusedopt/_low_precision.py), only where that differs from the
+        op's defaults: a launch with nothing in low precision is called exactly as without the options."""
+        args = {}
+        if launch.extras:
+            args[_low_precision.EXTRA_ARGUMENTS[launch.extra_key]] = launch.extras
+        if launch.rounding != "nearest":
+            args["param_rounding"] = launch.rounding
+        if launch.rounding == "stochastic":
+            args["rng_state"] = self.low_precision.rng_state(launch.device)
         return args
 
     def _scaling(self, plan, grad_scaler):

@@ -1,10 +1,13 @@
 """The Fused* optimizers: drop-in replacements for their torch.optim namesakes.
 
-Each class takes exactly the constructor arguments of the torch.optim class it subclasses (torch validates them
-and sets the defaults) and keeps the same state keys. It names its op (`_op_name`); the op's declaration
-(csrc/algorithms/<name>.h, read through `fusedopt._C.algorithm_specs()`) names the hyperparameters, options,
-state buffers and scalar state. The class says, by those names, what a param group's values are (`_hyper`,
-`_options`) and how a param's state starts when torch would not start it at zero (`_new_state`).
+Each class takes the constructor arguments of the torch.optim class it subclasses (torch validates them and sets
+the defaults) and keeps the same state keys, plus fusedopt's keyword-only options: ``max_grad_norm`` and the
+low-precision ``param_rounding``, ``master_weights``, ``state_dtype`` and ``seed`` (fusedopt/_low_precision.py),
+which add the state keys ``master_param`` / ``kahan_comp`` to bfloat16/float16 params where they are used.
+It names its op (`_op_name`); the op's declaration (csrc/algorithms/<name>.h, read through
+`fusedopt._C.algorithm_specs()`) names the hyperparameters, options, state buffers and scalar state. The class
+says, by those names, what a param group's values are (`_hyper`, `_options`) and how a param's state starts when
+torch would not start it at zero (`_new_state`).
 """
 import torch
 

@@ -216,6 +216,99 @@ def scaler_inf_on_rank1(ctx, make_scaler):
     return found
 
 
+def _bf16_fsdp_mlp(mesh, seed=0):
+    torch.manual_seed(seed)
+    model = MLP().to(torch.bfloat16)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _bf16_step(model, opt, step, rank):
+    (model(batch(step, rank).to(torch.bfloat16)) ** 2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def fsdp2_low_precision_checkpoint(ctx):
+    """A DCP checkpoint of bf16 FSDP2 params with master weights and float32 moments (DTensors of their own
+    dtypes): resuming continues bit for bit, also through a full state dict."""
+    found = Mismatches()
+    mesh = init_device_mesh("cpu", (ctx.world,))
+    options = {"lr": 1e-2, "master_weights": True, "state_dtype": torch.float32}
+    model = _bf16_fsdp_mlp(mesh)
+    opt = fusedopt.FusedAdamW(model.parameters(), **options)
+    for step in range(2):
+        _bf16_step(model, opt, step, ctx.rank)
+    path = os.path.join(ctx.tmpdir, "low_precision_step2")
+    dcp.save(_opt_dicts(model, opt), checkpoint_id=path)
+    full_options = StateDictOptions(full_state_dict=True)
+    full_state = tree_map_only(torch.Tensor, torch.clone, _opt_dicts(model, opt, full_options))
+    for step in range(2, 4):
+        _bf16_step(model, opt, step, ctx.rank)
+    for how in ("dcp", "full state dict"):
+        resumed = _bf16_fsdp_mlp(mesh, seed=1)
+        resumed_opt = fusedopt.FusedAdamW(resumed.parameters(), **options)
+        if how == "dcp":
+            state = _opt_dicts(resumed, resumed_opt)
+            dcp.load(state, checkpoint_id=path)
+            _load(resumed, resumed_opt, state)
+        else:
+            _load(resumed, resumed_opt, full_state, full_options)
+        for step in range(2, 4):
+            _bf16_step(resumed, resumed_opt, step, ctx.rank)
+        for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+            found.true(f"{how}: {name} differs", torch.equal(full(p), full(q)))
+            mine, theirs = opt.state[p], resumed_opt.state[q]
+            found.true(f"{how}: {name} state keys {sorted(theirs)} != {sorted(mine)}", set(mine) == set(theirs))
+            for key in sorted(set(mine) & set(theirs)):
+                a, b = full(mine[key]), full(theirs[key])
+                found.true(f"{how}: {name} state[{key!r}] differs ({a.dtype}, {b.dtype})",
+                           a.dtype == b.dtype and torch.equal(a, b))
+    return found
+
+
+def fsdp2_low_precision(ctx):
+    """bf16 params sharded by FSDP2 with master_weights, Kahan compensation or float32 state: each rank's local
+    shards update exactly as an unsharded copy of the model does from the same (all-gathered) grads, and the
+    master copies and compensation buffers are DTensors laid out like their params, as torch.optim's states.
+    (Stochastic rounding draws by element index within the kernel's tensor, a shard's here: not compared.)"""
+    found = Mismatches()
+    mesh = init_device_mesh("cpu", (ctx.world,))
+    for options in ({"master_weights": True}, {"param_rounding": "kahan"},
+                    {"master_weights": True, "state_dtype": torch.float32}):
+        torch.manual_seed(0)
+        plain = MLP().to(torch.bfloat16)
+        sharded = MLP().to(torch.bfloat16)
+        sharded.load_state_dict(plain.state_dict())
+        for layer in sharded.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        sharded_opt = fusedopt.FusedAdamW(sharded.parameters(), lr=1e-2, **options)
+        plain_opt = fusedopt.FusedAdamW(plain.parameters(), lr=1e-2, **options)
+        for step in range(STEPS):
+            (sharded(batch(step, ctx.rank).to(torch.bfloat16)) ** 2).mean().backward()
+            for p, q in zip(sharded.parameters(), plain.parameters()):
+                q.grad = p.grad.full_tensor()
+            sharded_opt.step()
+            plain_opt.step()
+            sharded_opt.zero_grad()
+            plain_opt.zero_grad()
+            for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+                what = f"{options} step {step}: {name}"
+                found.true(f"{what} differs", torch.equal(full(p).detach(), q.detach()))
+                mine, theirs = sharded_opt.state[p], plain_opt.state[q]
+                found.true(f"{what}: state keys {sorted(mine)} != {sorted(theirs)}", set(mine) == set(theirs))
+                for key in sorted(set(mine) & set(theirs)):
+                    if key == "step":
+                        continue
+                    found.true(f"{what}: state[{key!r}] is not a DTensor laid out like its param",
+                               isinstance(mine[key], DTensor) and mine[key].placements == p.placements)
+                    found.true(f"{what}: state[{key!r}] differs", torch.equal(full(mine[key]), theirs[key]))
+    return found
+
+
 def two_meshes_and_plain(ctx):
     """Params on two meshes and a plain tensor in one optimizer, clipped by the norm over all of them."""
     found = Mismatches()
@@ -482,6 +575,7 @@ CASES = {
         "clip_with_schedule": clip_with_schedule,
         "grad_scaler_inf_on_rank1": _scaler_case(lambda: torch.amp.GradScaler("cpu", init_scale=1024.0)),
         "sharded_grad_scaler_inf_on_rank1": _scaler_case(lambda: ShardedGradScaler("cpu", init_scale=1024.0)),
+        "fsdp2_low_precision": fsdp2_low_precision, "fsdp2_low_precision_checkpoint": fsdp2_low_precision_checkpoint,
         "two_meshes_and_plain": two_meshes_and_plain, "bad_grads": bad_grads, "checkpoints": checkpoints,
         "ddp_and_zero": ddp_and_zero},
     4: {"fsdp_tp_2d": fsdp_tp_2d},

@@ -115,7 +115,7 @@ def test_bad_variant_names(restore_variant):
 
 
 def _objects():
-    return sorted(glob.glob(os.path.join(ROOT, "build", "temp*", "update_kernels_*.o")))
+    return sorted(glob.glob(os.path.join(ROOT, "build", "temp*", "*_kernels_*.o")))
 
 
 @pytest.mark.skipif(shutil.which("nm") is None, reason="nm (binutils) not installed")
@@ -127,16 +127,17 @@ def test_variant_objects_define_nothing_outside_their_namespace(variant):
     kernel table (data, shared on purpose)."""
     objects = [o for o in _objects() if o.endswith(f"_{variant}.o")]
     if not objects:
-        pytest.skip("no build/temp*/update_kernels_*.o here (built out of tree, e.g. by pip)")
-    listing = subprocess.run(["nm", "-C", "--defined-only", objects[0]], capture_output=True, text=True,
-                             check=True).stdout
+        pytest.skip("no build/temp*/<algorithm>_kernels_<variant>.o here (built out of tree, e.g. by pip)")
     namespace = f"::{variant.upper()}::"
     foreign = []
-    for line in listing.splitlines():
-        _, kind, name = line.split(" ", 2)
-        if kind.islower() and kind not in "uvw":  # file-local: cannot stand in for another object's symbol
-            continue
-        if namespace in name or name.endswith("::by_variant"):
-            continue
-        foreign.append(f"{kind} {name}")
-    assert not foreign, f"{objects[0]} defines symbols outside {namespace}: {foreign[:10]}"
+    for obj in objects:  # every algorithm's object of this variant
+        listing = subprocess.run(["nm", "-C", "--defined-only", obj], capture_output=True, text=True,
+                                 check=True).stdout
+        for line in listing.splitlines():
+            _, kind, name = line.split(" ", 2)
+            if kind.islower() and kind not in "uvw":  # file-local: cannot stand in for another object's symbol
+                continue
+            if namespace in name or name.endswith("::by_variant"):
+                continue
+            foreign.append(f"{os.path.basename(obj)}: {kind} {name}")
+    assert not foreign, f"symbols outside {namespace}: {foreign[:10]}"

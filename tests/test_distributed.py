@@ -2,11 +2,11 @@
 the CPU that this file spawns itself (127.0.0.1, free ports).
 
 The cases live in tests/distributed_cases.py. To keep CI short, each world size is spawned once and runs all of
-its cases in order (2 ranks: FSDP2 with every Fused* class (uneven and empty shards), clipping with a device
-schedule, GradScaler and ShardedGradScaler with an inf on one rank, two meshes plus a plain tensor, bad input,
-DCP checkpoints both ways and full state dicts, DDP/ZeRO; 4 ranks: FSDP + TP on a 2-D mesh with HSDP, a dp slice
-and a second mesh; 1 rank: loading the 2-rank checkpoint); each test below then reads its case's verdict,
-gathered from every rank.
+its cases in order (2 ranks: FSDP2 with every Fused* class (uneven and empty shards) and with bf16 params in the
+low-precision modes, clipping with a device schedule, GradScaler and ShardedGradScaler with an inf on one rank,
+two meshes plus a plain tensor, bad input, DCP checkpoints both ways and full state dicts, DDP/ZeRO; 4 ranks:
+FSDP + TP on a 2-D mesh with HSDP, a dp slice and a second mesh; 1 rank: loading the 2-rank checkpoint); each
+test below then reads its case's verdict, gathered from every rank.
 """
 import json
 import os

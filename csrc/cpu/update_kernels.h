@@ -169,6 +169,14 @@ void tensor_sums_range(const TensorEntry& entry, const Rule& rule, typename Rule
   }
 }
 
+}  // namespace CPU_CAPABILITY
+}  // namespace fusedopt::cpu
+
+#include "cpu/stored_update.h"
+
+namespace fusedopt::cpu {
+inline namespace CPU_CAPABILITY {
+
 template <typename scalar_t, typename Rule>
 void register_one() {
   UpdateKernels<scalar_t, Rule>::by_variant[kThisVariant] = &update_range<scalar_t, Rule>;
@@ -177,9 +185,19 @@ void register_one() {
   }
 }
 
+// The stored path's kernels: one per fp32 rule, whatever the storage dtypes.
+template <typename Rule>
+void register_stored() {
+  StoredUpdateKernels<Rule>::by_variant[kThisVariant] = &stored_update_range<Rule>;
+  if constexpr (Declared<typename Rule::Algorithm>::num_tensor_sums() > 0) {
+    StoredSumKernels<Rule>::by_variant[kThisVariant] = &stored_tensor_sums_range<Rule>;
+  }
+}
+
 // One option combination, for every storage dtype.
 template <class A, uint32_t kMask>
 void register_dtypes() {
+  register_stored<typename A::template Rule<float, kMask>>();
   register_one<float, typename A::template Rule<float, kMask>>();
   register_one<double, typename A::template Rule<double, kMask>>();
   register_one<c10::BFloat16, typename A::template Rule<float, kMask>>();
