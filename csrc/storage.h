@@ -115,20 +115,23 @@ C10_HOST_DEVICE inline RandomKey random_key(int64_t seed, int64_t counter, int64
   return RandomKey{uint32_t(key), uint32_t(key >> 32)};
 }
 
-// 32 random bits for element i. Two rounds of mix32 keyed by both halves of the key.
+// 32 random bits for element i: one round of mix32 over the index's low word, keyed by the key's low word and a
+// mix of its high word with the index's high word. Below 2^32 elements that last term is one constant per
+// buffer, so the CPU kernels hoist it and pay a single mix32 per element (a hash is most of stochastic
+// rounding's cost on a CPU, where memory is fast next to 2 cores); the stream stays a bijection of the index.
 C10_HOST_DEVICE inline uint32_t random_bits(const RandomKey& key, int64_t i) {
-  return mix32(mix32(uint32_t(i) ^ key.low) + (key.high ^ uint32_t(uint64_t(i) >> 32)));
+  return mix32(uint32_t(i) ^ key.low ^ mix32(key.high ^ uint32_t(uint64_t(i) >> 32)));
 }
 
 // ---- Rounding fp32 to a low-precision type ----
 
 // bf16 keeps the top 16 bits of an fp32: adding 16 random bits below them and truncating rounds up with
-// probability (dropped bits) / 2^16, i.e. proportional to the distance to the lower neighbour. Non-finite values
-// (and a carry into the exponent's all-ones, which the truncation turns into inf only past bf16's largest
-// finite value) keep nearest rounding's result.
+// probability (dropped bits) / 2^16, i.e. proportional to the distance to the lower neighbour (a value above
+// bf16's largest finite one may round up to inf, as it would to nearest past the midpoint). inf stays inf, NaN
+// converts as to nearest.
 C10_HOST_DEVICE inline c10::BFloat16 stochastic_bfloat16(float value, uint32_t random) {
-  const uint32_t bits = float_to_bits(value);
-  if ((bits & 0x7f800000u) == 0x7f800000u) return c10::BFloat16(value);  // inf, NaN
+  if (value != value) return c10::BFloat16(value);  // NaN: the payload must not carry into the sign
+  const uint32_t bits = float_to_bits(value);  // inf + (< 2^16) truncates back to inf
   const uint32_t rounded = (bits + (random & 0xffffu)) & 0xffff0000u;
   return c10::BFloat16(uint16_t(rounded >> 16), c10::BFloat16::from_bits());
 }

@@ -59,6 +59,8 @@ class Mode:
     # Measured maxima over the registry (CPU, seed 3): 1.36, 0.50, 0.68, 0.97 (0.29 to 0.41 but for RMSprop and
     # Lion, whose bf16 moments or sign flips move the trajectory itself; Lion's fp32-state run 2.6, hence its
     # registry lowp_error_ratio doubling the bound); bf16 state for fp32 params 0.43. The plain bf16 run: 0.97.
+    # master + stochastic depends on the random stream through RMSprop's stochastically rounded bf16 moments:
+    # 0.75 to 1.10 over rounding seeds 11 to 15, hence 1.25.
     rms_ulps: float = 1.0
 
     @property
@@ -71,7 +73,7 @@ MODES = {
     "kahan": Mode({"param_rounding": "kahan"}, BF16, extra="kahan_comp", rms_ulps=0.6),
     "master": Mode({"master_weights": True}, BF16, extra="master_param", rms_ulps=0.6),
     "master_stochastic": Mode({"master_weights": True, "param_rounding": "stochastic", "seed": 11}, BF16,
-                              extra="master_param", rms_ulps=0.8),
+                              extra="master_param", rms_ulps=1.25),
     "state_bf16": Mode({"state_dtype": BF16}, FP32, state_dtype=BF16, rms_ulps=0.6),
     "state_fp32": Mode({"state_dtype": FP32}, BF16, state_dtype=FP32, rms_ulps=1.6),
 }
