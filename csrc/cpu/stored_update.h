@@ -146,6 +146,7 @@ struct IntLanes {
   static R iota() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
   template <int kShift>
   static R xorshift(R x) { return _mm512_xor_si512(x, _mm512_srli_epi32(x, kShift)); }
+  static R high_half_parity(R x) { return _mm512_and_si512(_mm512_srli_epi32(x, 16), set(1)); }
   static R mul(R a, R b) { return _mm512_mullo_epi32(a, b); }
   static R add(R a, R b) { return _mm512_add_epi32(a, b); }
   static R xor_lanes(R a, R b) { return _mm512_xor_si512(a, b); }
@@ -163,6 +164,7 @@ struct IntLanes {
   static R iota() { return _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0); }
   template <int kShift>
   static R xorshift(R x) { return _mm256_xor_si256(x, _mm256_srli_epi32(x, kShift)); }
+  static R high_half_parity(R x) { return _mm256_and_si256(_mm256_srli_epi32(x, 16), set(1)); }
   static R mul(R a, R b) { return _mm256_mullo_epi32(a, b); }
   static R add(R a, R b) { return _mm256_add_epi32(a, b); }
   static R xor_lanes(R a, R b) { return _mm256_xor_si256(a, b); }
@@ -198,6 +200,22 @@ C10_ALWAYS_INLINE Vectorized<float> stochastic_bfloat16_lanes(const Vectorized<f
   value.store(lanes);
   for (int64_t j = 0; j < kLanes; ++j) lanes[j] = float(stochastic_bfloat16(lanes[j], random_bits(key, first + j)));
   return Vectorized<float>::loadu(lanes);
+}
+
+// Kahan's nearest bf16 value of each lane, still as fp32 (false where the instruction set has no integer lanes
+// here): c10's round-to-nearest-even (bias 0x7fff plus the kept part's lowest bit, then truncate).
+C10_ALWAYS_INLINE bool nearest_bfloat16_lanes(const Vectorized<float>& value, Vectorized<float>& nearest) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  using V = IntLanes;
+  const V::R bits = V::bits(value);
+  const V::R sum = V::add(bits, V::add(V::high_half_parity(bits), V::set(0x7fffu)));
+  nearest = V::round_or_nan(value, V::and_lanes(sum, V::set(0xffff0000u)));
+  return true;
+#else
+  (void)value;
+  (void)nearest;
+  return false;
+#endif
 }
 
 // fp16 stochastic rounding goes through both neighbours (its spacing varies): the scalar rule per lane.
@@ -262,8 +280,13 @@ C10_ALWAYS_INLINE void store_param_regs(const TensorEntry& e, const ElementStore
   if (policy.has_master) store_regs<kFull>(e.extra, kStoredFloat, i, count, value, false, store.param_key);
   if (policy.has_kahan) {
     Regs stored;
-    store_regs<kFull>(e.param, policy.param_type, i, count, value, false, store.param_key);
-    load_regs<kFull>(e.param, policy.param_type, i, count, stored);
+    bool in_registers = policy.param_type == kStoredBFloat16;
+    for (int part = 0; part < kParts && in_registers; ++part) {
+      in_registers = nearest_bfloat16_lanes(value[part], stored[part]);
+    }
+    // The nearest value, stored (exactly, when computed in registers), and read back where it was not.
+    store_regs<kFull>(e.param, policy.param_type, i, count, in_registers ? stored : value, false, store.param_key);
+    if (!in_registers) load_regs<kFull>(e.param, policy.param_type, i, count, stored);
     for (int part = 0; part < kParts; ++part) stored[part] = value[part] - stored[part];
     store_regs<kFull>(e.extra, policy.param_type, i, count, stored, false, store.param_key);
     return;
