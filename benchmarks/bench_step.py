@@ -4,6 +4,8 @@
     python -m benchmarks.bench_step --quick         # 88 cases, 6 steps each: see the duration below
     python -m benchmarks.bench_step --optimizers adam sgd_momentum --workloads small host --dtypes fp32 bf16
     python -m benchmarks.bench_step --workloads host --modes stable new-grads varying-lr realistic
+    python -m benchmarks.bench_step --optimizers adamw sgd_momentum --workloads small --dtypes bf16 \
+        --rounding stochastic kahan master        # the low-precision modes beside plain fusedopt and torch
 
 Workloads: transformer (24.6M params, 148 tensors), small (2,000 x 1,024), groups (the transformer in 4 param
 groups with lr multipliers and weight-decay splits), host (2,000 tensors of 4 elements: the kernel work is nil,
@@ -47,7 +49,8 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import common
-from benchmarks.common import (ADD_ARRAYS, IMPLS, OPTIMIZERS, RESULTS_DIR, TORCH_IMPLS, OptSpec, default_device,
+from benchmarks.common import (ADD_ARRAYS, IMPLS, OPTIMIZERS, RESULTS_DIR, ROUNDING_IMPLS, TORCH_IMPLS, OptSpec,
+                               default_device,
                                load_warning, make_optimizer, probe, result_stem, run_metadata, state_arrays,
                                synchronize, traffic_arrays)
 
@@ -243,10 +246,11 @@ def time_round_robin(fns: dict, reps: int, warmup: int, device: torch.device, pr
             for n, v in raw.items()}
 
 
-def bench_case(workload, params, base_grads, dtype_name, device, spec_name, mode, reps, warmup, add_ref):
+def bench_case(workload, params, base_grads, dtype_name, device, spec_name, mode, reps, warmup, add_ref,
+               impls=tuple(IMPLS)):
     """Time every supported implementation of one optimizer on one workload in one mode; a record per impl."""
     spec, dtype = OPTIMIZERS[spec_name], DTYPES[dtype_name]
-    why_not = {impl: probe(spec, impl, device, dtype) for impl in IMPLS}  # None where supported
+    why_not = {impl: probe(spec, impl, device, dtype) for impl in impls}  # None where supported
     for p, g in zip(params, base_grads):
         p.grad = g
     opts = {impl: make_optimizer(spec, impl, param_groups(workload, params, spec))
@@ -282,7 +286,7 @@ def bench_case(workload, params, base_grads, dtype_name, device, spec_name, mode
 # ------------------------------------------------------------------------------------------------ reports
 def print_table(records, file=None):
     file = file or sys.stdout  # looked up per call: a redirected stdout (capsys, contextlib) is honoured
-    header = (f"{'workload':<12} {'dtype':<5} {'mode':<10} {'optimizer':<16} {'impl':<9} {'median ms':>10} "
+    header = (f"{'workload':<12} {'dtype':<5} {'mode':<10} {'optimizer':<16} {'impl':<19} {'median ms':>10} "
               f"{'fusedopt x':>10} {'GB/s':>8} {'% add_':>7} {'us/tensor':>9}")
     print(header, file=file)
     print("-" * len(header), file=file)
@@ -295,14 +299,18 @@ def print_table(records, file=None):
             print(file=file)
         previous = key
         if "skipped" in r:  # torch has no such implementation here (the reason is in the JSON record)
-            print(f"{lead} {r['impl']:<9} {'–':>10}", file=file)
+            print(f"{lead} {r['impl']:<19} {'–':>10}", file=file)
             continue
         speedup = "" if r["impl"] == "fusedopt" or r["fusedopt_speedup"] is None else f"{r['fusedopt_speedup']:.2f}x"
         flag = "" if r["params_finite"] else "  NON-FINITE PARAMS"
-        print(f"{lead} {r['impl']:<9} {1e3 * r['median_s']:>10.3f} {speedup:>10} {r['gbps']:>8.1f} "
+        print(f"{lead} {r['impl']:<19} {1e3 * r['median_s']:>10.3f} {speedup:>10} {r['gbps']:>8.1f} "
               f"{r['pct_of_add']:>6.0f}% {r['us_per_tensor']:>9.3f}{flag}", file=file)
     print("\nfusedopt x = torch implementation's median step time / fusedopt's (above 1: fusedopt is faster); "
           "– = torch has no such implementation (reason in the JSON record).", file=file)
+    if any(r["impl"] in ROUNDING_IMPLS for r in records):
+        print("fusedopt+<rounding>: fusedopt with that low-precision mode (--rounding); its 'fusedopt x' is its time "
+              "over plain fusedopt's (the mode's cost); GB/s and % add_ count plain fusedopt's bytes (kahan and "
+              "master move more: benchmarks/bench_low_precision.py has the per-mode byte model).", file=file)
     print("mode: stable = same grads and lr every step; new-grads = new grad tensors before every step; "
           "varying-lr = a new float lr every step; realistic = both.", file=file)
     print("host workload: timed on the host clock (the kernel work is nil); us/tensor = median / tensors.",
@@ -364,6 +372,10 @@ def parse_args(argv=None):
     ap.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES), metavar="MODE",
                     help="what changes between steps, any of: %(choices)s (default: " + " ".join(DEFAULT_MODES)
                          + "); realistic = new grad tensors and a new float lr every step")
+    ap.add_argument("--rounding", nargs="+", default=[], choices=[i.split("+")[1] for i in ROUNDING_IMPLS],
+                    metavar="MODE",
+                    help="also time fusedopt with these low-precision modes, any of: %(choices)s (rows "
+                         "fusedopt+<mode>; they matter with --dtypes bf16 or fp16; default: none)")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--reps", type=int, default=None,
                     help="timed steps per implementation (default: CPU 10, CUDA 50; --quick: CPU 5, CUDA 20)")
@@ -385,6 +397,7 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else ((5 if on_gpu else 1) if args.quick else (10 if on_gpu else 2))
     names = args.workloads or (DEFAULT_WORKLOADS + (["large"] if on_gpu else []))
     specs = [OPTIMIZERS[o] for o in args.optimizers]
+    impls = tuple(IMPLS) + tuple(f"fusedopt+{mode}" for mode in args.rounding)
     started = time.perf_counter()
 
     meta = run_metadata(device)
@@ -418,7 +431,7 @@ def main(argv=None):
             for name in args.optimizers:
                 bar.set_postfix_str(f"{wl.name} {dtype_name} {mode} {name}")
                 records += bench_case(wl, params, base_grads, dtype_name, device, name, mode, reps, warmup,
-                                      functools.partial(a.add_, b))
+                                      functools.partial(a.add_, b), impls)
                 gc.collect()
                 if on_gpu:
                     torch.cuda.empty_cache()  # each case's optimizer state is dropped before the next allocates

@@ -101,6 +101,13 @@ IMPLS: dict[str, tuple[str, dict]] = {
     "fused": ("torch", {"fused": True}),
 }
 TORCH_IMPLS = [name for name, (src, _) in IMPLS.items() if src == "torch"]
+# fusedopt's low-precision modes (README: Low-precision training), timed beside plain fusedopt on request
+# (bench_step --rounding). They change how bf16/fp16 params and state are stored; fp32 ones update as nearest.
+ROUNDING_IMPLS: dict[str, tuple[str, dict]] = {
+    "fusedopt+stochastic": ("fusedopt", {"param_rounding": "stochastic", "seed": 0}),
+    "fusedopt+kahan": ("fusedopt", {"param_rounding": "kahan"}),
+    "fusedopt+master": ("fusedopt", {"master_weights": True}),
+}
 
 
 def optimizer_class(torch_name: str, source: str):
@@ -120,8 +127,8 @@ def _is_reference(cls) -> bool:
 
 
 def make_optimizer(spec: OptSpec, impl: str, params, **overrides):
-    """Build `spec` with implementation `impl` over `params` (tensors or param-group dicts)."""
-    source, flags = IMPLS[impl]
+    """Build `spec` with implementation `impl` (IMPLS or ROUNDING_IMPLS) over `params` (tensors or param-group dicts)."""
+    source, flags = {**IMPLS, **ROUNDING_IMPLS}[impl]
     cls = optimizer_class(spec.torch_name, source)
     if _is_reference(cls):
         # the reference is the for-loop; asking it for foreach/fused raises TypeError ("–" in the tables)
