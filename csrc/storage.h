@@ -51,6 +51,7 @@ struct StoragePolicy {
 // runner and every CPU kernel variant pass it alike.
 struct RandomKey {
   uint32_t low, high;
+  uint32_t folded;  // low ^ mix32(high): random_bits' key term for every element below 2^32, computed once
 };
 struct ElementStore {
   StoragePolicy policy;
@@ -112,7 +113,8 @@ C10_HOST_DEVICE inline uint64_t mix64(uint64_t x) {
 C10_HOST_DEVICE inline RandomKey random_key(int64_t seed, int64_t counter, int64_t tensor, int buffer) {
   uint64_t key = mix64(uint64_t(seed) ^ mix64(uint64_t(counter) * 0x9e3779b97f4a7c15ull + uint64_t(tensor)));
   key = mix64(key + uint64_t(buffer) * 0xd1b54a32d192ed03ull);
-  return RandomKey{uint32_t(key), uint32_t(key >> 32)};
+  const uint32_t low = uint32_t(key), high = uint32_t(key >> 32);
+  return RandomKey{low, high, low ^ mix32(high)};
 }
 
 // 32 random bits for element i: one round of mix32 over the index's low word, keyed by the key's low word and a
@@ -120,7 +122,8 @@ C10_HOST_DEVICE inline RandomKey random_key(int64_t seed, int64_t counter, int64
 // buffer, so the CPU kernels hoist it and pay a single mix32 per element (a hash is most of stochastic
 // rounding's cost on a CPU, where memory is fast next to 2 cores); the stream stays a bijection of the index.
 C10_HOST_DEVICE inline uint32_t random_bits(const RandomKey& key, int64_t i) {
-  return mix32(uint32_t(i) ^ key.low ^ mix32(key.high ^ uint32_t(uint64_t(i) >> 32)));
+  const uint32_t high = uint32_t(uint64_t(i) >> 32);
+  return mix32(uint32_t(i) ^ (high == 0 ? key.folded : key.low ^ mix32(key.high ^ high)));
 }
 
 // ---- Rounding fp32 to a low-precision type ----

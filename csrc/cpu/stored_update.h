@@ -191,7 +191,7 @@ C10_ALWAYS_INLINE Vectorized<float> stochastic_bfloat16_lanes(const Vectorized<f
       return V::xorshift<16>(x);
     };
     const V::R index = V::add(V::set(uint32_t(first)), V::iota());
-    const V::R random = mix32(V::xor_lanes(index, V::set(key.low ^ fusedopt::mix32(key.high))));
+    const V::R random = mix32(V::xor_lanes(index, V::set(key.folded)));
     const V::R sum = V::add(V::bits(value), V::and_lanes(random, V::set(0xffffu)));
     return V::round_or_nan(value, V::and_lanes(sum, V::set(0xffff0000u)));
   }
@@ -322,9 +322,10 @@ void stored_update_range(const TensorEntry& entry, const ElementStore& store, co
                          int64_t begin, int64_t end) {
   static_assert(std::is_same_v<typename Rule::opmath_t, float>, "the stored path computes in fp32");
   const Vectorized<float> factor(grad_factor);
+  const ElementStore local = store;  // a local copy the loop can keep in registers (no aliasing with the stores)
   int64_t i = begin;
-  for (; i + kStepWidth <= end; i += kStepWidth) stored_update_step<true>(entry, store, rule, factor, i, kStepWidth);
-  if (i < end) stored_update_step<false>(entry, store, rule, factor, i, end - i);
+  for (; i + kStepWidth <= end; i += kStepWidth) stored_update_step<true>(entry, local, rule, factor, i, kStepWidth);
+  if (i < end) stored_update_step<false>(entry, local, rule, factor, i, end - i);
 }
 
 // ---- The per-tensor sums (LAMB): tiles ----
