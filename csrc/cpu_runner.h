@@ -18,10 +18,12 @@
 
 namespace fusedopt::cpu {
 
-template <typename scalar_t, typename Rule>
-UpdateFn<scalar_t, Rule> update_kernel() {
-  const UpdateFn<scalar_t, Rule> fn = UpdateKernels<scalar_t, Rule>::by_variant[active_variant()];
-  TORCH_CHECK(fn != nullptr, "fusedopt: no CPU kernel for this update rule ");
+// The active variant's kernel from one of the kernel tables (cpu_kernels.h: UpdateKernels, TensorSumKernels,
+// StoredUpdateKernels, StoredSumKernels): every variant registers all of them, so a hole is a build error.
+template <typename Kernels>
+auto active_kernel() {
+  const auto fn = Kernels::by_variant[active_variant()];
+  TORCH_CHECK(fn != nullptr, "fusedopt: no CPU kernel of this variant for this update rule");
   return fn;
 }
 
@@ -34,27 +36,6 @@ inline T to_math(scalar_t v) {
 template <>
 inline float to_math<float, c10::BFloat16>(c10::BFloat16 v) {
   return c10::bit_cast<float>(uint32_t(v.x) << 16);
-}
-
-template <typename Rule>
-StoredUpdateFn<Rule> stored_update_kernel() {
-  const StoredUpdateFn<Rule> fn = StoredUpdateKernels<Rule>::by_variant[active_variant()];
-  TORCH_CHECK(fn != nullptr, "fusedopt: no stored-path CPU kernel for this update rule");
-  return fn;
-}
-
-template <typename Rule>
-StoredSumFn<Rule> stored_sum_kernel() {
-  const StoredSumFn<Rule> fn = StoredSumKernels<Rule>::by_variant[active_variant()];
-  TORCH_CHECK(fn != nullptr, "fusedopt: no stored-path CPU tensor-sums kernel for this update rule");
-  return fn;
-}
-
-template <typename scalar_t, typename Rule>
-TensorSumFn<scalar_t, Rule> tensor_sum_kernel() {
-  const TensorSumFn<scalar_t, Rule> fn = TensorSumKernels<scalar_t, Rule>::by_variant[active_variant()];
-  TORCH_CHECK(fn != nullptr, "fusedopt: no CPU tensor-sums kernel for this update rule ");
-  return fn;
 }
 
 // Sum of squares (in double) and non-finite flag of grad elements [begin, end).
@@ -140,14 +121,14 @@ std::vector<double> tensor_sums(const TableView& table, typename Rule::opmath_t 
     std::vector<double> partials(header.num_chunks * kSums, 0.0);
     if (stored_path<Rule>(header)) {
       if constexpr (std::is_same_v<typename Rule::opmath_t, float>) {
-        const StoredSumFn<Rule> accumulate = stored_sum_kernel<Rule>();
+        const StoredSumFn<Rule> accumulate = active_kernel<StoredSumKernels<Rule>>();
         for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk, RuleCache<Rule>& rules) {
           const ElementStore store = element_store(header.storage, nullptr, 0);  // sums read only: no rounding
           accumulate(entry, store, rules(entry), grad_factor, start, stop, partials.data() + chunk * kSums);
         });
       }
     } else {
-      const TensorSumFn<scalar_t, Rule> accumulate = tensor_sum_kernel<scalar_t, Rule>();
+      const TensorSumFn<scalar_t, Rule> accumulate = active_kernel<TensorSumKernels<scalar_t, Rule>>();
       for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk, RuleCache<Rule>& rules) {
         accumulate(entry, rules(entry), grad_factor, start, stop, partials.data() + chunk * kSums);
       });
@@ -218,7 +199,7 @@ struct CpuRunner {
       };
       if (stored_path<Rule>(header)) {
         if constexpr (std::is_same_v<typename Rule::opmath_t, float>) {
-          const StoredUpdateFn<Rule> update = stored_update_kernel<Rule>();
+          const StoredUpdateFn<Rule> update = active_kernel<StoredUpdateKernels<Rule>>();
           for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t, RuleCache<Rule>& rules) {
             const ElementStore store = element_store(header.storage, args.rng, &entry - table.tensors());
             update(entry, store, rules(entry, sums_of(entry)), grad_factor, start, stop);
@@ -226,7 +207,7 @@ struct CpuRunner {
         }
         if (args.rng != nullptr && header.storage.rounding == kStochastic) args.rng[1] += 1;  // after every read
       } else {
-        const UpdateFn<scalar_t, Rule> update = update_kernel<scalar_t, Rule>();
+        const UpdateFn<scalar_t, Rule> update = active_kernel<UpdateKernels<scalar_t, Rule>>();
         for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t, RuleCache<Rule>& rules) {
           update(entry, rules(entry, sums_of(entry)), grad_factor, start, stop);
         });

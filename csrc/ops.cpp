@@ -46,8 +46,11 @@ StoragePolicy storage_policy(const StepInputs& in, at::ScalarType param_dtype, a
   const std::string_view op = in.op_name;
   const StepExtras& x = in.extras;
   const auto found = std::find(kRoundingNames.begin(), kRoundingNames.end(), x.param_rounding);
-  TORCH_CHECK(found != kRoundingNames.end(), "fusedopt.", op, ": param_rounding must be one of nearest, stochastic, "
-              "kahan, got ", x.param_rounding);
+  if (found == kRoundingNames.end()) {
+    std::string names;
+    for (const std::string_view name : kRoundingNames) names += std::string(names.empty() ? "" : ", ") + std::string(name);
+    TORCH_CHECK(false, "fusedopt.", op, ": param_rounding must be one of ", names, ", got ", x.param_rounding);
+  }
   const auto rounding = Rounding(found - kRoundingNames.begin());
   const bool master = !x.master_params.empty(), kahan = !x.kahan_comp.empty();
   const size_t n = in.params.size();
@@ -175,6 +178,8 @@ StoragePolicy validate(const StepInputs& in) {
   // One state dtype per launch: the first buffer's (the params' when there is none).
   const at::ScalarType state_dtype =
       !in.states.empty() && in.states[0][0].defined() ? in.states[0][0].scalar_type() : dtype;
+  // Before the loop below: it checks the sizes of the master and compensation lists the loop indexes.
+  const StoragePolicy storage = storage_policy(in, dtype, state_dtype);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& param = in.params[i];
     TORCH_CHECK(param.scalar_type() == dtype && param.device() == first.device() && param.layout() == at::kStrided,
@@ -205,7 +210,6 @@ StoragePolicy validate(const StepInputs& in) {
     }
   }
   validate_extras(in, first.device());
-  const StoragePolicy storage = storage_policy(in, dtype, state_dtype);
   const int64_t words = table_words(n, num_groups);
   TORCH_CHECK(in.host_table.device().is_cpu() && in.host_table.scalar_type() == at::kLong &&
                   in.host_table.is_contiguous() && in.host_table.numel() == words,

@@ -4,9 +4,8 @@
 // loaded and converted in registers by its storage type (a table field: one well-predicted branch per
 // register), the rule runs on fp32 registers, and each buffer is stored back with its rounding. So a mode moves
 // only its own extra bytes: the master copy or the compensation buffer, or other state bytes.
-//
-// The per-tensor sums of LAMB's stored path, which only read, widen a tile at a time into fp32 rows and run the
-// plain fp32 sums kernel on them.
+// The per-tensor sums of LAMB's stored path load the same registers and add the rule's tensor terms
+// (accumulate_tensor_terms, shared with the plain kernel).
 //
 // Included by csrc/cpu/update_kernels.h after update_range and tensor_sums_range: the same per-variant
 // namespace, compiled once per instruction set.
@@ -17,103 +16,7 @@
 namespace fusedopt::cpu {
 inline namespace CPU_CAPABILITY {
 
-// Elements per tile: a few fp32 rows of 4 KiB. A multiple of kSumLanes and of every register width, so a tile
-// boundary never splits a register and the tensor sums add in the same pattern on every variant.
-constexpr int64_t kTile = 1024;
-static_assert(kTile % kSumLanes == 0, "tiles keep the tensor sums' lane pattern");
-
-// n elements of `type` at from[0..n) to fp32, in registers.
-template <typename scalar_t>
-void widen(const scalar_t* from, float* to, int64_t n) {
-  using L = Lanes<scalar_t>;
-  constexpr int64_t kLanes = Vectorized<float>::size();
-  int64_t j = 0;
-  for (; j + L::kWidth <= n; j += L::kWidth) {
-    Vectorized<float> v[L::kParts];
-    L::template load<true>(from + j, L::kWidth, v);
-    for (int part = 0; part < L::kParts; ++part) v[part].store(to + j + part * kLanes);
-  }
-  if (j < n) {
-    Vectorized<float> v[L::kParts];
-    L::template load<false>(from + j, n - j, v);
-    for (int part = 0; part < L::kParts; ++part) {
-      const int64_t count = std::min<int64_t>(kLanes, n - j - part * kLanes);
-      if (count > 0) v[part].store(to + j + part * kLanes, count);
-    }
-  }
-}
-
-// Kahan: the tracked weight, param + compensation, in one pass over both (to[j] = param[j] + comp[j]).
-template <typename scalar_t>
-void widen_sum(const scalar_t* param, const scalar_t* comp, float* to, int64_t n) {
-  using L = Lanes<scalar_t>;
-  constexpr int64_t kLanes = Vectorized<float>::size();
-  int64_t j = 0;
-  for (; j + L::kWidth <= n; j += L::kWidth) {
-    Vectorized<float> p[L::kParts], c[L::kParts];
-    L::template load<true>(param + j, L::kWidth, p);
-    L::template load<true>(comp + j, L::kWidth, c);
-    for (int part = 0; part < L::kParts; ++part) (p[part] + c[part]).store(to + j + part * kLanes);
-  }
-  for (; j < n; ++j) to[j] = float(param[j]) + float(comp[j]);
-}
-
-inline void widen_stored(const void* from, int32_t type, int64_t offset, float* to, int64_t n) {
-  if (type == kStoredBFloat16) {
-    widen(static_cast<const c10::BFloat16*>(from) + offset, to, n);
-  } else if (type == kStoredHalf) {
-    widen(static_cast<const c10::Half*>(from) + offset, to, n);
-  } else {
-    std::copy_n(static_cast<const float*>(from) + offset, n, to);
-  }
-}
-
-// One tile's fp32 view of a tensor, for the sums pass: each pointer is the buffer itself where it is fp32, else a
-// scratch row the tile's values are widened into.
-template <int kStates>
-struct Tile {
-  alignas(64) float param[kTile];
-  alignas(64) float grad[kTile];
-  alignas(64) float state[kStates > 0 ? kStates : 1][kTile];
-  TensorEntry view{};
-
-  // Widens elements [start, start + n) of `e` and points `view` at the fp32 values.
-  void load(const TensorEntry& e, const StoragePolicy& policy, int64_t start, int64_t n) {
-    if (policy.has_master) {
-      view.param = static_cast<float*>(e.extra) + start;
-    } else if (policy.param_type == kStoredFloat) {
-      view.param = static_cast<float*>(e.param) + start;
-    } else {
-      if (!policy.has_kahan) {
-        widen_stored(e.param, policy.param_type, start, param, n);
-      } else if (policy.param_type == kStoredBFloat16) {
-        widen_sum(static_cast<const c10::BFloat16*>(e.param) + start, static_cast<const c10::BFloat16*>(e.extra) + start,
-                  param, n);
-      } else {
-        widen_sum(static_cast<const c10::Half*>(e.param) + start, static_cast<const c10::Half*>(e.extra) + start,
-                  param, n);
-      }
-      view.param = param;
-    }
-    if (policy.param_type == kStoredFloat) {
-      view.grad = static_cast<const float*>(e.grad) + start;
-    } else {
-      widen_stored(e.grad, policy.param_type, start, grad, n);
-      view.grad = grad;
-    }
-    for (int k = 0; k < kStates; ++k) {
-      if (policy.state_type == kStoredFloat) {
-        view.state[k] = static_cast<float*>(e.state[k]) + start;
-      } else {
-        widen_stored(e.state[k], policy.state_type, start, state[k], n);
-        view.state[k] = state[k];
-      }
-    }
-  }
-
-};
-
-// ---- The update: registers ----
+// ---- Registers ----
 
 constexpr int kParts = 2;  // fp32 registers per step: one bf16/fp16 register's worth
 constexpr int64_t kLanes = Vectorized<float>::size();
@@ -294,6 +197,15 @@ C10_ALWAYS_INLINE void store_param_regs(const TensorEntry& e, const ElementStore
   store_regs<kFull>(e.param, policy.param_type, i, count, value, stochastic, store.param_key);
 }
 
+// Everything one step reads: the value the rule updates, the grad and each state buffer, as fp32 registers.
+template <bool kFull, int kStates>
+C10_ALWAYS_INLINE void load_step(const TensorEntry& entry, const StoragePolicy& policy, int64_t i, int64_t count,
+                                 Regs& p, Regs& g, Regs (&s)[kStates > 0 ? kStates : 1]) {
+  load_param_regs<kFull>(entry, policy, i, count, p);
+  load_regs<kFull>(entry.grad, policy.param_type, i, count, g);
+  for (int k = 0; k < kStates; ++k) load_regs<kFull>(entry.state[k], policy.state_type, i, count, s[k]);
+}
+
 // One step of the update: kStepWidth elements (count of them valid), loaded, updated and stored in registers.
 template <bool kFull, typename Rule>
 C10_ALWAYS_INLINE void stored_update_step(const TensorEntry& entry, const ElementStore& store, const Rule& rule,
@@ -302,9 +214,7 @@ C10_ALWAYS_INLINE void stored_update_step(const TensorEntry& entry, const Elemen
   const StoragePolicy& policy = store.policy;
   const bool stochastic_states = policy.rounding == kStochastic;
   Regs p, g, s[kStates > 0 ? kStates : 1];
-  load_param_regs<kFull>(entry, policy, i, count, p);
-  load_regs<kFull>(entry.grad, policy.param_type, i, count, g);
-  for (int k = 0; k < kStates; ++k) load_regs<kFull>(entry.state[k], policy.state_type, i, count, s[k]);
+  load_step<kFull, kStates>(entry, policy, i, count, p, g, s);
   for (int part = 0; part < kParts; ++part) {
     Vectorized<float> st[kStates > 0 ? kStates : 1];
     for (int k = 0; k < kStates; ++k) st[k] = s[k][part];
@@ -328,17 +238,15 @@ void stored_update_range(const TensorEntry& entry, const ElementStore& store, co
   if (i < end) stored_update_step<false>(entry, local, rule, factor, i, end - i);
 }
 
-// ---- The per-tensor sums (LAMB): tiles ----
-
+// The per-tensor sums (LAMB): the same loads, nothing stored.
 template <typename Rule>
 void stored_tensor_sums_range(const TensorEntry& entry, const ElementStore& store, const Rule& rule,
                               float grad_factor, int64_t begin, int64_t end, double* sums) {
-  Tile<Rule::kNumStates> tile;
-  for (int64_t start = begin; start < end; start += kTile) {
-    const int64_t n = std::min(kTile, end - start);
-    tile.load(entry, store.policy, start, n);
-    tensor_sums_range<float, Rule>(tile.view, rule, grad_factor, 0, n, sums);
-  }
+  constexpr int kStates = Rule::kNumStates;
+  accumulate_tensor_terms<kParts, kStepWidth>(
+      rule, grad_factor, begin, end, sums, [&](int64_t i, int64_t count, auto full, auto& p, auto& g, auto& s) {
+        load_step<decltype(full)::value, kStates>(entry, store.policy, i, count, p, g, s);
+      });
 }
 
 }  // namespace CPU_CAPABILITY

@@ -124,30 +124,24 @@ void update_range(const TensorEntry& entry, const Rule& rule, typename Rule::opm
 // Nothing is stored: the state the rule advances is a copy.
 constexpr int kSumLanes = 16;
 
-template <typename scalar_t, typename Rule>
-void tensor_sums_range(const TensorEntry& entry, const Rule& rule, typename Rule::opmath_t grad_factor,
-                       int64_t begin, int64_t end, double* sums) {
-  using L = Lanes<scalar_t>;
-  using Math = typename L::Math;
+// The sums pass over [begin, end), whatever fills the registers: load(i, count, full, p, g, s) loads kParts
+// fp32 registers of the param, the grad and each state buffer (the plain kernel from its storage dtype's
+// Lanes, the stored path by storage type), kWidth elements a step.
+template <int kParts, int64_t kWidth, typename Rule, typename Load>
+void accumulate_tensor_terms(const Rule& rule, typename Rule::opmath_t grad_factor, int64_t begin, int64_t end,
+                             double* sums, const Load& load) {
   using T = typename Rule::opmath_t;
+  using Math = Vectorized<T>;
   constexpr int kStates = Rule::kNumStates;
-  constexpr int kParts = L::kParts;
   constexpr int kSums = Declared<typename Rule::Algorithm>::num_tensor_sums();
   constexpr int kLanes = Math::size();
   static_assert(kSumLanes % kLanes == 0, "a register's lanes map onto consecutive accumulators");
-  const scalar_t* const param = static_cast<const scalar_t*>(entry.param);
-  const scalar_t* const grad = static_cast<const scalar_t*>(entry.grad);
   const Math factor(grad_factor);
   double lanes[kSums][kSumLanes] = {};
 
   auto accumulate = [&](int64_t i, int64_t count, auto full) {
-    constexpr bool kFull = decltype(full)::value;
     Math p[kParts], g[kParts], s[kStates > 0 ? kStates : 1][kParts];
-    L::template load<kFull>(param + i, count, p);
-    L::template load<kFull>(grad + i, count, g);
-    for (int k = 0; k < kStates; ++k) {
-      L::template load<kFull>(static_cast<const scalar_t*>(entry.state[k]) + i, count, s[k]);
-    }
+    load(i, count, full, p, g, s);
     for (int part = 0; part < kParts; ++part) {
       Math st[kStates > 0 ? kStates : 1], terms[kSums];
       for (int k = 0; k < kStates; ++k) st[k] = s[k][part];
@@ -162,11 +156,29 @@ void tensor_sums_range(const TensorEntry& entry, const Rule& rule, typename Rule
     }
   };
   int64_t i = begin;
-  for (; i + L::kWidth <= end; i += L::kWidth) accumulate(i, L::kWidth, std::true_type{});
+  for (; i + kWidth <= end; i += kWidth) accumulate(i, kWidth, std::true_type{});
   if (i < end) accumulate(i, end - i, std::false_type{});
   for (int k = 0; k < kSums; ++k) {
     for (int j = 0; j < kSumLanes; ++j) sums[k] += lanes[k][j];
   }
+}
+
+template <typename scalar_t, typename Rule>
+void tensor_sums_range(const TensorEntry& entry, const Rule& rule, typename Rule::opmath_t grad_factor,
+                       int64_t begin, int64_t end, double* sums) {
+  using L = Lanes<scalar_t>;
+  constexpr int kStates = Rule::kNumStates;
+  const scalar_t* const param = static_cast<const scalar_t*>(entry.param);
+  const scalar_t* const grad = static_cast<const scalar_t*>(entry.grad);
+  accumulate_tensor_terms<L::kParts, L::kWidth>(
+      rule, grad_factor, begin, end, sums, [&](int64_t i, int64_t count, auto full, auto& p, auto& g, auto& s) {
+        constexpr bool kFull = decltype(full)::value;
+        L::template load<kFull>(param + i, count, p);
+        L::template load<kFull>(grad + i, count, g);
+        for (int k = 0; k < kStates; ++k) {
+          L::template load<kFull>(static_cast<const scalar_t*>(entry.state[k]) + i, count, s[k]);
+        }
+      });
 }
 
 }  // namespace CPU_CAPABILITY
