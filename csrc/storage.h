@@ -126,6 +126,19 @@ C10_HOST_DEVICE inline uint32_t random_bits(const RandomKey& key, int64_t i) {
   return mix32(uint32_t(i) ^ (high == 0 ? key.folded : key.low ^ mix32(key.high ^ high)));
 }
 
+// The 16 random bits bf16's rounding consumes for element i (it drops 16 bits): elements 2j and 2j + 1 take the
+// low and high halves of draw j. Half the hashes of one draw per element; and read as 16-bit words, the draws
+// of pairs j, j + 1, ... are the bits of elements 2j, 2j + 1, ... in order, so a vector kernel spreads them by
+// zero-extending words. fp16 keeps a draw per element (its rounding compares 24 bits).
+C10_HOST_DEVICE inline uint32_t random_bits16(const RandomKey& key, int64_t i) {
+  return (random_bits(key, i >> 1) >> (uint32_t(i & 1) * 16u)) & 0xffffu;
+}
+
+// The random bits the rounding of an element of storage `type` consumes.
+C10_HOST_DEVICE inline uint32_t rounding_bits(const RandomKey& key, int64_t i, int32_t type) {
+  return type == kStoredBFloat16 ? random_bits16(key, i) : random_bits(key, i);
+}
+
 // ---- Rounding fp32 to a low-precision type ----
 
 // bf16 keeps the top 16 bits of an fp32: adding 16 random bits below them and truncating rounds up with
@@ -212,13 +225,15 @@ C10_HOST_DEVICE inline void store_param(const ElementStore& store, void* param, 
     return;
   }
   const bool stochastic = policy.rounding == kStochastic;
-  store_rounded(param, i, policy.param_type, value, stochastic, stochastic ? random_bits(store.param_key, i) : 0u);
+  store_rounded(param, i, policy.param_type, value, stochastic,
+                stochastic ? rounding_bits(store.param_key, i, policy.param_type) : 0u);
 }
 
 C10_HOST_DEVICE inline void store_state(const ElementStore& store, void* state, int k, int64_t i, float value) {
   const StoragePolicy& policy = store.policy;
   const bool stochastic = policy.rounding == kStochastic && policy.state_type != kStoredFloat;
-  store_rounded(state, i, policy.state_type, value, stochastic, stochastic ? random_bits(store.state_keys[k], i) : 0u);
+  store_rounded(state, i, policy.state_type, value, stochastic,
+                stochastic ? rounding_bits(store.state_keys[k], i, policy.state_type) : 0u);
 }
 
 // The streams of tensor `tensor` in the launch that reads rng = [seed, counter] (nullptr: no stochastic rounding).

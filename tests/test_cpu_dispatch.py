@@ -83,6 +83,43 @@ def test_variants_match_default_bit_for_bit(entry, opt_id, dtype_id, restore_var
         assert_identical_runs(opt, params, ref_opt, ref_params, variant)
 
 
+# The stored path (csrc/cpu/stored_update.h) in every variant: stochastic bf16 rounding and Kahan's nearest
+# rounding run in AVX2/AVX-512 integer lanes there, and must give the bits of the baseline's scalar functions
+# (storage.h): (options, param dtype) per case, the state dtype following the options.
+STORED_MODES = {
+    "stochastic-bf16": ({"param_rounding": "stochastic", "seed": 5}, torch.bfloat16),
+    "stochastic-fp16": ({"param_rounding": "stochastic", "seed": 5}, torch.float16),
+    "kahan-bf16": ({"param_rounding": "kahan"}, torch.bfloat16),
+    "kahan-fp16": ({"param_rounding": "kahan"}, torch.float16),
+    "master-stochastic-bf16": ({"master_weights": True, "param_rounding": "stochastic", "seed": 5}, torch.bfloat16),
+    "fp32-state-bf16": ({"state_dtype": torch.float32}, torch.bfloat16),
+    "bf16-state-stochastic-fp32": ({"state_dtype": torch.bfloat16, "param_rounding": "stochastic", "seed": 5},
+                                   torch.float32),
+}
+
+
+@pytest.mark.parametrize("mode", list(STORED_MODES))
+@pytest.mark.parametrize("entry, opt_id", option_params(representative_only=True))
+def test_stored_path_variants_match_default_bit_for_bit(entry, opt_id, mode, restore_variant):
+    variants = [v for v in VECTOR_VARIANTS if v in available()]
+    if not variants:
+        pytest.skip(f"this CPU has no AVX2 or AVX-512 (available: {', '.join(available())})")
+    options, dtype = STORED_MODES[mode]
+    kwargs = {**entry.option_sets[opt_id], **options}
+
+    def run_stored(variant):
+        ops()._set_cpu_variant(variant)
+        problem = Problem(SPECS, "cpu", seed=3)
+        return run(entry.fused_cls, problem, dtype, kwargs, entry.group_overrides, steps=STEPS)
+
+    ref_opt, ref_params = run_stored("default")
+    init = Problem(SPECS, "cpu", seed=3).params(dtype)
+    assert any(not torch.equal(p, q) for p, q in zip(ref_params, init)), "the run did not move the params"
+    for variant in variants:
+        opt, params = run_stored(variant)
+        assert_identical_runs(opt, params, ref_opt, ref_params, variant)
+
+
 def test_default_variant_is_the_best_torch_would_use():
     names = available()
     assert names[0] == "default"

@@ -443,6 +443,25 @@ def test_stochastic_rounding_is_unbiased(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_neighbouring_elements_round_independently(device):
+    """bf16 elements 2j and 2j + 1 take the two halves of one 32-bit draw (storage.h's random_bits16), and a
+    vector kernel handles 16 or 32 of them at once: the roundings of neighbours at those distances must still be
+    independent (each rounds up with probability 1/2 here, both with 1/4)."""
+    n = 2**16
+    param = torch.ones(n, dtype=BF16, device=device, requires_grad=True)
+    opt = fusedopt.FusedSGD([param], lr=1.0, param_rounding="stochastic", seed=7)
+    param.grad = torch.full((n,), -(2.0**-8), dtype=BF16, device=device)  # half of bf16's ulp at 1
+    opt.step()
+    up = (param.detach().double().cpu() > 1).double()
+    assert ((param.detach().double().cpu() == 1) | (param.detach().double().cpu() == 1 + 2.0**-7)).all()
+    assert abs(float(up.mean()) - 0.5) <= 5 * math.sqrt(0.25 / n)
+    for lag in (1, 2, 8, 16, 32):
+        starts = torch.arange(0, n - lag, 2 * lag if lag == 1 else 1)
+        both = float((up[starts] * up[starts + lag]).mean())
+        assert abs(both - 0.25) <= 5 * math.sqrt(0.25 * 0.75 / len(starts)), (lag, both)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_stochastic_rounding_of_state_buffers_is_unbiased(device):
     """fp32 params with bf16 state: SGD's first momentum buffer is the grad, rounded stochastically; with
     nearest, every element rounds down (77/256 of an ulp above 1)."""

@@ -40,8 +40,10 @@ C10_ALWAYS_INLINE void load_regs(const void* base, int32_t type, int64_t i, int6
   }
 }
 
-// The random bits and the bf16 rounding of one fp32 register, with the instruction set's integer lanes (shifts by
-// an immediate, 32-bit multiplies): storage.h's random_bits and stochastic_bfloat16 on every lane, bit for bit.
+// bf16 rounding with the instruction set's integer lanes (shifts by an immediate, 32-bit multiplies): storage.h's
+// random_bits16, stochastic_bfloat16 and c10's round-to-nearest-even on every lane, bit for bit. A rounded value
+// is kept as fp32 bits whose low half is dropped when stored: a truncating store, exact, and cheaper than
+// converting again. NaN becomes c10's quiet NaN (0x7fc0), as the scalar conversion makes it.
 #if defined(CPU_CAPABILITY_AVX512)
 struct IntLanes {
   using R = __m512i;
@@ -55,9 +57,22 @@ struct IntLanes {
   static R xor_lanes(R a, R b) { return _mm512_xor_si512(a, b); }
   static R and_lanes(R a, R b) { return _mm512_and_si512(a, b); }
   static R bits(const Vectorized<float>& v) { return _mm512_castps_si512(v); }
-  static Vectorized<float> round_or_nan(const Vectorized<float>& value, R rounded) {
-    const __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
-    return _mm512_mask_mov_ps(_mm512_castsi512_ps(rounded), nan, value);
+  static Vectorized<float> floats(R x) { return _mm512_castsi512_ps(x); }
+  // bits(value) + increment, or c10's quiet NaN where value is NaN (whose payload must not carry into the
+  // sign, nor truncate to inf).
+  static R add_or_quiet_nan(const Vectorized<float>& value, R increment) {
+    const __mmask16 number = _mm512_cmp_ps_mask(value, value, _CMP_ORD_Q);
+    return _mm512_mask_add_epi32(set(0x7fc00000u), number, bits(value), increment);
+  }
+  // The 16-bit words of x, zero-extended: words 0 .. kLanes - 1 into out[0], the rest into out[1].
+  static void widen_words(R x, R (&out)[2]) {
+    out[0] = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(x));
+    out[1] = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(x, 1));
+  }
+  // The high halves of a's then b's lanes, in order, as one bf16 register.
+  static Vectorized<c10::BFloat16> high_halves(R a, R b) {
+    const R packed = _mm512_packus_epi32(_mm512_srli_epi32(a, 16), _mm512_srli_epi32(b, 16));  // per 128-bit lane
+    return _mm512_permutexvar_epi64(_mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0), packed);
   }
 };
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -73,52 +88,68 @@ struct IntLanes {
   static R xor_lanes(R a, R b) { return _mm256_xor_si256(a, b); }
   static R and_lanes(R a, R b) { return _mm256_and_si256(a, b); }
   static R bits(const Vectorized<float>& v) { return _mm256_castps_si256(v); }
-  static Vectorized<float> round_or_nan(const Vectorized<float>& value, R rounded) {
+  static Vectorized<float> floats(R x) { return _mm256_castsi256_ps(x); }
+  static R add_or_quiet_nan(const Vectorized<float>& value, R increment) {
     const __m256 nan = _mm256_cmp_ps(value, value, _CMP_UNORD_Q);
-    return _mm256_blendv_ps(_mm256_castsi256_ps(rounded), value, nan);
+    const __m256 sum = _mm256_castsi256_ps(_mm256_add_epi32(bits(value), increment));
+    return _mm256_castps_si256(_mm256_blendv_ps(sum, _mm256_castsi256_ps(set(0x7fc00000u)), nan));
+  }
+  static void widen_words(R x, R (&out)[2]) {
+    out[0] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(x));
+    out[1] = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(x, 1));
+  }
+  static Vectorized<c10::BFloat16> high_halves(R a, R b) {
+    const R packed = _mm256_packus_epi32(_mm256_srli_epi32(a, 16), _mm256_srli_epi32(b, 16));  // per 128-bit lane
+    return _mm256_permute4x64_epi64(packed, 0xd8);
   }
 };
 #endif
-
-// The fp32 values rounded stochastically to bf16, still as fp32 (low 16 bits zero, so the nearest conversion
-// that stores them is exact): storage.h's stochastic_bfloat16(value, random_bits(key, first + lane)) per lane.
-C10_ALWAYS_INLINE Vectorized<float> stochastic_bfloat16_lanes(const Vectorized<float>& value, const RandomKey& key,
-                                                              int64_t first) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#define FUSEDOPT_INT_LANES 1
+static_assert(sizeof(IntLanes::R) == sizeof(Vectorized<float>), "one int32 lane per fp32 lane");
+static_assert(kParts == 2, "a bf16 register holds two fp32 registers");
+using RoundedBits = IntLanes::R[kParts];
+
+// Stores bf16 values held as fp32 bits (see above) as elements [0, count) of `to`.
+template <bool kFull>
+C10_ALWAYS_INLINE void store_rounded_bits(c10::BFloat16* to, int64_t count, const RoundedBits& bits) {
+  const Vectorized<c10::BFloat16> packed = IntLanes::high_halves(bits[0], bits[1]);
+  if constexpr (kFull) {
+    packed.store(to);
+  } else {
+    packed.store(to, count);
+  }
+}
+#endif
+
+// Stores one step's registers as bf16 elements [first, first + count), rounded stochastically with `key`'s stream:
+// storage.h's stochastic_bfloat16(value, random_bits16(key, element)). One hash per two elements: the draws of
+// pairs first / 2 + lane, whose 16-bit words are the elements' random bits in order.
+template <bool kFull>
+C10_ALWAYS_INLINE void store_stochastic_bfloat16(c10::BFloat16* to, int64_t count, const Regs& in,
+                                                 const RandomKey& key, int64_t first) {
+#if defined(FUSEDOPT_INT_LANES)
   using V = IntLanes;
-  static_assert(sizeof(V::R) == sizeof(Vectorized<float>), "one int32 lane per fp32 lane");
-  if (((first + kLanes) >> 32) == 0) {  // past 2^32 the random bits mix in the index's high word: per lane below
+  const int64_t pair = first >> 1;
+  if ((first & 1) == 0 && ((pair + kLanes) >> 32) == 0) {  // past 2^32 pairs the draws mix in the high word
     auto mix32 = [](V::R x) {  // storage.h's mix32
       x = V::mul(V::xorshift<16>(x), V::set(0x85ebca6bu));
       x = V::mul(V::xorshift<13>(x), V::set(0xc2b2ae35u));
       return V::xorshift<16>(x);
     };
-    const V::R index = V::add(V::set(uint32_t(first)), V::iota());
-    const V::R random = mix32(V::xor_lanes(index, V::set(key.folded)));
-    const V::R sum = V::add(V::bits(value), V::and_lanes(random, V::set(0xffffu)));
-    return V::round_or_nan(value, V::and_lanes(sum, V::set(0xffff0000u)));
+    V::R random[kParts];
+    V::widen_words(mix32(V::xor_lanes(V::add(V::set(uint32_t(pair)), V::iota()), V::set(key.folded))), random);
+    RoundedBits rounded;
+    for (int part = 0; part < kParts; ++part) {
+      rounded[part] = V::add_or_quiet_nan(in[part], random[part]);
+    }
+    store_rounded_bits<kFull>(to, count, rounded);
+    return;
   }
 #endif
-  float lanes[kLanes];
-  value.store(lanes);
-  for (int64_t j = 0; j < kLanes; ++j) lanes[j] = float(stochastic_bfloat16(lanes[j], random_bits(key, first + j)));
-  return Vectorized<float>::loadu(lanes);
-}
-
-// Kahan's nearest bf16 value of each lane, still as fp32 (false where the instruction set has no integer lanes
-// here): c10's round-to-nearest-even (bias 0x7fff plus the kept part's lowest bit, then truncate).
-C10_ALWAYS_INLINE bool nearest_bfloat16_lanes(const Vectorized<float>& value, Vectorized<float>& nearest) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  using V = IntLanes;
-  const V::R bits = V::bits(value);
-  const V::R sum = V::add(bits, V::add(V::high_half_parity(bits), V::set(0x7fffu)));
-  nearest = V::round_or_nan(value, V::and_lanes(sum, V::set(0xffff0000u)));
-  return true;
-#else
-  (void)value;
-  (void)nearest;
-  return false;
-#endif
+  float lanes[kStepWidth];
+  for (int part = 0; part < kParts; ++part) in[part].store(lanes + part * kLanes);
+  for (int64_t j = 0; j < count; ++j) to[j] = stochastic_bfloat16(lanes[j], random_bits16(key, first + j));
 }
 
 // fp16 stochastic rounding goes through both neighbours (its spacing varies): the scalar rule per lane.
@@ -134,11 +165,11 @@ template <bool kFull>
 C10_ALWAYS_INLINE void store_regs(void* base, int32_t type, int64_t i, int64_t count, const Regs& in, bool stochastic,
                        const RandomKey& key) {
   if (type == kStoredBFloat16) {
-    Regs rounded;
-    for (int part = 0; part < kParts; ++part) {
-      rounded[part] = stochastic ? stochastic_bfloat16_lanes(in[part], key, i + part * kLanes) : in[part];
+    if (stochastic) {
+      store_stochastic_bfloat16<kFull>(static_cast<c10::BFloat16*>(base) + i, count, in, key, i);
+    } else {
+      Lanes<c10::BFloat16>::template store<kFull>(static_cast<c10::BFloat16*>(base) + i, count, in);
     }
-    Lanes<c10::BFloat16>::template store<kFull>(static_cast<c10::BFloat16*>(base) + i, count, rounded);
   } else if (type == kStoredHalf) {
     if (stochastic) {
       store_stochastic_half(static_cast<c10::Half*>(base) + i, count, in, key, i);
@@ -173,6 +204,29 @@ C10_ALWAYS_INLINE void load_param_regs(const TensorEntry& e, const StoragePolicy
   }
 }
 
+// Kahan's param: the value rounded to nearest, stored, and as fp32 registers in `stored`. For bf16 c10's
+// round-to-nearest-even in integer lanes (bias 0x7fff plus the kept part's lowest bit), stored by truncation;
+// otherwise converted on the store and read back.
+template <bool kFull>
+C10_ALWAYS_INLINE void store_nearest_param(const TensorEntry& e, const StoragePolicy& policy, int64_t i, int64_t count,
+                                           const Regs& value, Regs& stored) {
+#if defined(FUSEDOPT_INT_LANES)
+  if (policy.param_type == kStoredBFloat16) {
+    using V = IntLanes;
+    RoundedBits nearest;
+    for (int part = 0; part < kParts; ++part) {
+      const V::R bias = V::add(V::high_half_parity(V::bits(value[part])), V::set(0x7fffu));
+      nearest[part] = V::and_lanes(V::add_or_quiet_nan(value[part], bias), V::set(0xffff0000u));
+      stored[part] = V::floats(nearest[part]);
+    }
+    store_rounded_bits<kFull>(static_cast<c10::BFloat16*>(e.param) + i, count, nearest);
+    return;
+  }
+#endif
+  store_regs<kFull>(e.param, policy.param_type, i, count, value, false, RandomKey{});
+  load_regs<kFull>(e.param, policy.param_type, i, count, stored);
+}
+
 // storage.h's store_param on registers: the master copy and the param's rounding of it; the nearest param and
 // the rest as compensation (value - stored is exact: the two are within a factor of two); or the param rounded.
 template <bool kFull>
@@ -183,13 +237,7 @@ C10_ALWAYS_INLINE void store_param_regs(const TensorEntry& e, const ElementStore
   if (policy.has_master) store_regs<kFull>(e.extra, kStoredFloat, i, count, value, false, store.param_key);
   if (policy.has_kahan) {
     Regs stored;
-    bool in_registers = policy.param_type == kStoredBFloat16;
-    for (int part = 0; part < kParts && in_registers; ++part) {
-      in_registers = nearest_bfloat16_lanes(value[part], stored[part]);
-    }
-    // The nearest value, stored (exactly, when computed in registers), and read back where it was not.
-    store_regs<kFull>(e.param, policy.param_type, i, count, in_registers ? stored : value, false, store.param_key);
-    if (!in_registers) load_regs<kFull>(e.param, policy.param_type, i, count, stored);
+    store_nearest_param<kFull>(e, policy, i, count, value, stored);
     for (int part = 0; part < kParts; ++part) stored[part] = value[part] - stored[part];
     store_regs<kFull>(e.extra, policy.param_type, i, count, stored, false, store.param_key);
     return;
