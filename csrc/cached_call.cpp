@@ -65,13 +65,7 @@ class CachedCall {
     for (const at::Tensor& param : grad_sources_) {
       const at::Tensor& grad = param.grad();
       if (!grad.defined()) return false;
-      // The common case, in a few comparisons; anything else goes through the one full check.
-      if (grad.layout() == at::kStrided && grad.scalar_type() == param.scalar_type() &&
-          grad.device() == param.device() && grad.sizes() == param.sizes()) {
-        continue;
-      }
-      const std::string problem = grad_problem(param, grad);
-      TORCH_CHECK(problem.empty(), "fusedopt: ", problem);
+      if (!grad_usable(param, grad)) TORCH_CHECK(false, "fusedopt: ", grad_problem(param, grad));
     }
     return true;
   }
@@ -85,8 +79,8 @@ class CachedCall {
     for (const at::Tensor& param : grad_sources_) {
       const at::Tensor& grad = param.grad();
       TORCH_CHECK(grad.defined(), "fusedopt: a param of this step lost its gradient");
-      const at::Tensor local = kernel_grad(grad);
-      grads.push_back(local.is_complex() ? at::view_as_real(local) : local);
+      at::Tensor local = kernel_grad(grad);
+      grads.push_back(local.is_complex() ? at::view_as_real(local) : std::move(local));
     }
     const auto& arguments = op_.schema().arguments();
     for (const auto& [name, value] : updates) {

@@ -7,11 +7,9 @@
 namespace fusedopt {
 
 std::string grad_problem(const at::Tensor& param, const at::Tensor& grad) {
+  if (grad_usable(param, grad)) return {};
   if (!grad.defined()) return "the gradient is undefined";
   if (grad.layout() != at::kStrided) return "sparse gradients are not supported";
-  if (grad.sizes() == param.sizes() && grad.scalar_type() == param.scalar_type() && grad.device() == param.device()) {
-    return {};
-  }
   std::ostringstream out;
   out << "the gradient of a param of shape " << param.sizes() << ", " << param.scalar_type() << " on "
       << param.device() << " is " << grad.sizes() << ", " << grad.scalar_type() << " on " << grad.device();

@@ -16,7 +16,14 @@ namespace fusedopt {
 // fusedopt._C.check_grads(name, params).
 void register_grad_check(pybind11::module_& m);
 
-// Empty when `grad` can update `param` (dense, same shape, dtype and device); otherwise why not.
+// Whether `grad` can update `param`: defined, dense, same shape, dtype and device. Inline: every step asks it of
+// every gradient, and the answer is almost always yes.
+inline bool grad_usable(const at::Tensor& param, const at::Tensor& grad) {
+  return grad.defined() && grad.layout() == at::kStrided && grad.scalar_type() == param.scalar_type() &&
+         grad.device() == param.device() && grad.sizes() == param.sizes();
+}
+
+// Empty when `grad` can update `param` (grad_usable); otherwise why not.
 std::string grad_problem(const at::Tensor& param, const at::Tensor& grad);
 
 }  // namespace fusedopt

@@ -21,9 +21,10 @@ std::string describe(const at::Tensor& t) {
 bool given(const OptionalTensor& t) { return t.has_value() && t->defined(); }
 
 // Every tensor the kernel touches for entry i must match the param in shape and device, and have `dtype` (the
-// param's, but for state buffers of another state dtype and fp32 master params).
-void check_like_param(std::string_view op, const char* what, size_t index, const at::Tensor& t, const at::Tensor& param,
-                      at::ScalarType dtype) {
+// param's, but for state buffers of another state dtype and fp32 master params). The test every step passes is
+// inline; the checks that say what is wrong run only when it fails.
+void explain_unlike_param(std::string_view op, const char* what, size_t index, const at::Tensor& t,
+                          const at::Tensor& param, at::ScalarType dtype) {
   TORCH_CHECK(t.defined(), "fusedopt.", op, ": ", what, "[", index, "] is undefined");
   TORCH_CHECK(t.layout() == at::kStrided, "fusedopt.", op, ": ", what, "[", index,
               "] is sparse; fusedopt optimizers do not support sparse gradients");
@@ -31,6 +32,15 @@ void check_like_param(std::string_view op, const char* what, size_t index, const
               "fusedopt.", op, ": ", what, "[", index, "] is ", describe(t), " but params[", index, "] is ",
               describe(param), (dtype == param.scalar_type() ? std::string() : " (expected dtype " +
               std::string(c10::toString(dtype)) + ")"));
+}
+
+C10_ALWAYS_INLINE void check_like_param(std::string_view op, const char* what, size_t index, const at::Tensor& t,
+                                        const at::Tensor& param, at::ScalarType dtype) {
+  if (C10_LIKELY(t.defined() && t.layout() == at::kStrided && t.scalar_type() == dtype &&
+                 t.device() == param.device() && t.sizes() == param.sizes())) {
+    return;
+  }
+  explain_unlike_param(op, what, index, t, param, dtype);
 }
 
 bool is_low_precision(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
@@ -185,8 +195,9 @@ StoragePolicy validate(const StepInputs& in) {
     TORCH_CHECK(param.scalar_type() == dtype && param.device() == first.device() && param.layout() == at::kStrided,
                 "fusedopt.", op, ": all params of one launch must share dtype and device; params[", i, "] is ",
                 describe(param), ", params[0] is ", describe(first));
-    const std::string problem = grad_problem(param, in.grads[i]);
-    TORCH_CHECK(problem.empty(), "fusedopt.", op, ": grads[", i, "]: ", problem);
+    if (!grad_usable(param, in.grads[i])) {
+      TORCH_CHECK(false, "fusedopt.", op, ": grads[", i, "]: ", grad_problem(param, in.grads[i]));
+    }
     for (const auto& list : in.states) check_like_param(op, "state", i, list[i], param, state_dtype);
     if (!in.extras.master_params.empty()) {
       check_like_param(op, "master_params", i, in.extras.master_params[i], param, at::kFloat);
@@ -323,7 +334,7 @@ PreparedStep prepare_step(const StepInputs& in) {
       e.state[k] = k < int(in.states.size()) ? dense_data(in.states[k][i], *param, prepared, true) : nullptr;
     }
     for (int k = 0; k < kMaxScalars; ++k) {
-      e.scalars[k] = k < int(in.scalars.size()) ? in.scalars[k][i].data_ptr<float>() : nullptr;
+      e.scalars[k] = k < int(in.scalars.size()) ? static_cast<float*>(in.scalars[k][i].data_ptr()) : nullptr;  // float32: validated
     }
     const TensorSpan& extras = in.extras.master_params.empty() ? in.extras.kahan_comp : in.extras.master_params;
     e.extra = extras.empty() ? nullptr : dense_data(extras[i], *param, prepared, true);
