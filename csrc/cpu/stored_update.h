@@ -11,6 +11,8 @@
 // namespace, compiled once per instruction set.
 #pragma once
 
+#include <limits>
+
 #include "storage.h"
 
 namespace fusedopt::cpu {
@@ -58,6 +60,15 @@ struct IntLanes {
   static R and_lanes(R a, R b) { return _mm512_and_si512(a, b); }
   static R bits(const Vectorized<float>& v) { return _mm512_castps_si512(v); }
   static Vectorized<float> floats(R x) { return _mm512_castsi512_ps(x); }
+  static Vectorized<float> to_float(R x) { return _mm512_cvtepi32_ps(x); }
+  template <int kShift>
+  static R shift_right(R x) { return _mm512_srli_epi32(x, kShift); }
+  // The fp16 values next to v: rounded toward zero (returned) and one step further from zero (`away`).
+  static Vectorized<float> half_toward_zero(const Vectorized<float>& v, Vectorized<float>& away) {
+    const __m256i toward = _mm512_cvtps_ph(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    away = _mm512_cvtph_ps(_mm256_add_epi16(toward, _mm256_set1_epi16(1)));  // sign-magnitude: one more ulp
+    return _mm512_cvtph_ps(toward);
+  }
   // bits(value) + increment, or c10's quiet NaN where value is NaN (whose payload must not carry into the
   // sign, nor truncate to inf).
   static R add_or_quiet_nan(const Vectorized<float>& value, R increment) {
@@ -89,6 +100,14 @@ struct IntLanes {
   static R and_lanes(R a, R b) { return _mm256_and_si256(a, b); }
   static R bits(const Vectorized<float>& v) { return _mm256_castps_si256(v); }
   static Vectorized<float> floats(R x) { return _mm256_castsi256_ps(x); }
+  static Vectorized<float> to_float(R x) { return _mm256_cvtepi32_ps(x); }
+  template <int kShift>
+  static R shift_right(R x) { return _mm256_srli_epi32(x, kShift); }
+  static Vectorized<float> half_toward_zero(const Vectorized<float>& v, Vectorized<float>& away) {
+    const __m128i toward = _mm256_cvtps_ph(v, _MM_FROUND_TO_ZERO);
+    away = _mm256_cvtph_ps(_mm_add_epi16(toward, _mm_set1_epi16(1)));
+    return _mm256_cvtph_ps(toward);
+  }
   static R add_or_quiet_nan(const Vectorized<float>& value, R increment) {
     const __m256 nan = _mm256_cmp_ps(value, value, _CMP_UNORD_Q);
     const __m256 sum = _mm256_castsi256_ps(_mm256_add_epi32(bits(value), increment));
@@ -120,6 +139,16 @@ C10_ALWAYS_INLINE void store_rounded_bits(c10::BFloat16* to, int64_t count, cons
     packed.store(to, count);
   }
 }
+
+// storage.h's random_bits(key, index + lane) on every lane, for indices below 2^32 (past that the draws mix in the
+// index's high word, and the callers take the scalar path).
+C10_ALWAYS_INLINE IntLanes::R random_lanes(const RandomKey& key, int64_t index) {
+  using V = IntLanes;
+  V::R x = V::xor_lanes(V::add(V::set(uint32_t(index)), V::iota()), V::set(key.folded));
+  x = V::mul(V::xorshift<16>(x), V::set(0x85ebca6bu));  // storage.h's mix32
+  x = V::mul(V::xorshift<13>(x), V::set(0xc2b2ae35u));
+  return V::xorshift<16>(x);
+}
 #endif
 
 // Stores one step's registers as bf16 elements [first, first + count), rounded stochastically with `key`'s stream:
@@ -131,18 +160,11 @@ C10_ALWAYS_INLINE void store_stochastic_bfloat16(c10::BFloat16* to, int64_t coun
 #if defined(FUSEDOPT_INT_LANES)
   using V = IntLanes;
   const int64_t pair = first >> 1;
-  if ((first & 1) == 0 && ((pair + kLanes) >> 32) == 0) {  // past 2^32 pairs the draws mix in the high word
-    auto mix32 = [](V::R x) {  // storage.h's mix32
-      x = V::mul(V::xorshift<16>(x), V::set(0x85ebca6bu));
-      x = V::mul(V::xorshift<13>(x), V::set(0xc2b2ae35u));
-      return V::xorshift<16>(x);
-    };
+  if ((first & 1) == 0 && ((pair + kLanes) >> 32) == 0) {
     V::R random[kParts];
-    V::widen_words(mix32(V::xor_lanes(V::add(V::set(uint32_t(pair)), V::iota()), V::set(key.folded))), random);
+    V::widen_words(random_lanes(key, pair), random);
     RoundedBits rounded;
-    for (int part = 0; part < kParts; ++part) {
-      rounded[part] = V::add_or_quiet_nan(in[part], random[part]);
-    }
+    for (int part = 0; part < kParts; ++part) rounded[part] = V::add_or_quiet_nan(in[part], random[part]);
     store_rounded_bits<kFull>(to, count, rounded);
     return;
   }
@@ -152,8 +174,44 @@ C10_ALWAYS_INLINE void store_stochastic_bfloat16(c10::BFloat16* to, int64_t coun
   for (int64_t j = 0; j < count; ++j) to[j] = stochastic_bfloat16(lanes[j], random_bits16(key, first + j));
 }
 
-// fp16 stochastic rounding goes through both neighbours (its spacing varies): the scalar rule per lane.
-C10_ALWAYS_INLINE void store_stochastic_half(c10::Half* to, int64_t count, const Regs& in, const RandomKey& key, int64_t first) {
+#if defined(FUSEDOPT_INT_LANES)
+// storage.h's stochastic_half(v, random) on every lane, with the same fp32 operations, so the same bits: the two
+// fp16 neighbours (rounded toward zero, and one step away from it: the pair its nearest rounding and half_step
+// pick), up with probability (v - low) / (high - low) against 24 random bits. An fp16 value picks itself (up is
+// 0, or 1 below zero); past fp16's range the nearest value is inf, which storage.h returns; NaN becomes c10's
+// quiet NaN. The result is an fp16 value, so the store's nearest conversion keeps it.
+C10_ALWAYS_INLINE Vectorized<float> stochastic_half_lanes(const Vectorized<float>& v, IntLanes::R random) {
+  using F = Vectorized<float>;
+  F away;
+  const F toward = IntLanes::half_toward_zero(v, away);
+  const F negative = v < F(0.0f);
+  const F low = F::blendv(toward, away, negative);
+  const F high = F::blendv(away, toward, negative);
+  const F up = (v - low) / (high - low);
+  const F uniform = IntLanes::to_float(IntLanes::shift_right<8>(random)) * F(1.0f / 16777216.0f);
+  const F sign = v & F(-0.0f);
+  F result = F::blendv(low, high, uniform < up);
+  result = F::blendv(result, F(std::numeric_limits<float>::infinity()) | sign, v.abs() >= F(65520.0f));
+  return F::blendv(result, F(std::numeric_limits<float>::quiet_NaN()) | sign, v.isnan());
+}
+#endif
+
+// Stores one step's registers as fp16 elements [first, first + count), rounded stochastically with `key`'s
+// stream: storage.h's stochastic_half(value, random_bits(key, element)) (a draw per element: its rounding
+// compares 24 bits).
+template <bool kFull>
+C10_ALWAYS_INLINE void store_stochastic_half(c10::Half* to, int64_t count, const Regs& in, const RandomKey& key,
+                                             int64_t first) {
+#if defined(FUSEDOPT_INT_LANES)
+  if (((first + kStepWidth) >> 32) == 0) {
+    Regs rounded;
+    for (int part = 0; part < kParts; ++part) {
+      rounded[part] = stochastic_half_lanes(in[part], random_lanes(key, first + part * kLanes));
+    }
+    Lanes<c10::Half>::template store<kFull>(to, count, rounded);
+    return;
+  }
+#endif
   float lanes[kStepWidth];
   for (int part = 0; part < kParts; ++part) in[part].store(lanes + part * kLanes);
   for (int64_t j = 0; j < count; ++j) to[j] = stochastic_half(lanes[j], random_bits(key, first + j));
@@ -172,7 +230,7 @@ C10_ALWAYS_INLINE void store_regs(void* base, int32_t type, int64_t i, int64_t c
     }
   } else if (type == kStoredHalf) {
     if (stochastic) {
-      store_stochastic_half(static_cast<c10::Half*>(base) + i, count, in, key, i);
+      store_stochastic_half<kFull>(static_cast<c10::Half*>(base) + i, count, in, key, i);
     } else {
       Lanes<c10::Half>::template store<kFull>(static_cast<c10::Half*>(base) + i, count, in);
     }
