@@ -120,6 +120,55 @@ def test_stored_path_variants_match_default_bit_for_bit(entry, opt_id, mode, res
         assert_identical_runs(opt, params, ref_opt, ref_params, variant)
 
 
+def _edge_problem(dtype):
+    """(params, grads) whose SGD updates (lr 1) land on the dtype's edge cases: zeros of both signs, subnormals,
+    values past the largest finite one (to round to it or overflow to inf), inf, NaN, and random values across
+    the whole range, over full and partial registers."""
+    gen = torch.Generator().manual_seed(11)
+    info = torch.finfo(dtype)
+    big, tiny = float(info.max), float(info.smallest_normal)
+    fixed = [(0.0, -tiny / 8), (-0.0, tiny / 8), (0.0, 0.0), (-0.0, 0.0), (tiny, tiny / 3), (-tiny, -tiny / 5),
+             (big, -big / 2**13), (big, -big / 2**12), (-big, big / 2**11), (big, -big / 2**9), (big, -big),
+             (1.0, -1e-3), (-1.0, 1e-3), (float("nan"), 0.0), (float("inf"), 1.0), (float("-inf"), -1.0),
+             (1.0, float("nan"))]
+    params = [torch.tensor([p for p, _ in fixed])]
+    grads = [torch.tensor([g for _, g in fixed])]
+    for scale in (tiny / 4, tiny * 4, 1.0, big / 2):  # subnormal, small, unit, near overflow
+        params.append(torch.randn(1000, generator=gen) * scale)
+        grads.append(torch.randn(1000, generator=gen) * scale / 3)
+    param = torch.cat(params).to(dtype)
+    return param, torch.cat(grads).to(dtype)
+
+
+@pytest.mark.parametrize("dtype_id", ["bf16", "fp16"])
+def test_stochastic_rounding_of_edge_values_matches_default(dtype_id, restore_variant):
+    variants = [v for v in VECTOR_VARIANTS if v in available()]
+    if not variants:
+        pytest.skip(f"this CPU has no AVX2 or AVX-512 (available: {', '.join(available())})")
+    start, grad = _edge_problem(DTYPES[dtype_id])
+
+    def rounded(variant):
+        ops()._set_cpu_variant(variant)
+        param = start.clone().requires_grad_()
+        opt = fusedopt.FusedSGD([param], lr=1.0, param_rounding="stochastic", seed=9)
+        results = []
+        for _ in range(3):
+            with torch.no_grad():
+                param.copy_(start)
+            param.grad = grad.clone()
+            opt.step()
+            results.append(param.detach().clone())
+        return results
+
+    reference = rounded("default")
+    assert reference[0].isinf().any() and reference[0].isnan().any() and not torch.equal(reference[0], reference[1])
+    for variant in variants:
+        for step, (got, want) in enumerate(zip(rounded(variant), reference)):
+            differ = (bits(got) != bits(want)).nonzero().flatten()
+            assert differ.numel() == 0, (f"{variant}, step {step}: elements {differ[:8].tolist()} differ: "
+                                         f"{got[differ[:8]].tolist()} vs {want[differ[:8]].tolist()}")
+
+
 def test_default_variant_is_the_best_torch_would_use():
     names = available()
     assert names[0] == "default"
