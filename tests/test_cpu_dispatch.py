@@ -52,10 +52,17 @@ def restore_variant():
     ops()._set_cpu_variant("")
 
 
-def run_with_variant(variant, entry, opt_id, dtype):
+def vector_variants():
+    variants = [v for v in VECTOR_VARIANTS if v in available()]
+    if not variants:
+        pytest.skip(f"this CPU has no AVX2 or AVX-512 (available: {', '.join(available())})")
+    return variants
+
+
+def run_with_variant(variant, entry, kwargs, dtype):
     ops()._set_cpu_variant(variant)
     problem = Problem(SPECS, "cpu", seed=3)
-    return run(entry.fused_cls, problem, dtype, entry.option_sets[opt_id], entry.group_overrides, steps=STEPS)
+    return run(entry.fused_cls, problem, dtype, kwargs, entry.group_overrides, steps=STEPS)
 
 
 def assert_identical_runs(opt, params, ref_opt, ref_params, variant):
@@ -68,19 +75,20 @@ def assert_identical_runs(opt, params, ref_opt, ref_params, variant):
                 assert torch.equal(bits(state[key]), bits(value)), f"{variant}: param {i}: state[{key!r}] differs"
 
 
-@pytest.mark.parametrize("dtype_id", list(DTYPES))
-@pytest.mark.parametrize("entry, opt_id", option_params(representative_only=True))
-def test_variants_match_default_bit_for_bit(entry, opt_id, dtype_id, restore_variant):
-    variants = [v for v in VECTOR_VARIANTS if v in available()]
-    if not variants:
-        pytest.skip(f"this CPU has no AVX2 or AVX-512 (available: {', '.join(available())})")
-    dtype = DTYPES[dtype_id]
-    ref_opt, ref_params = run_with_variant("default", entry, opt_id, dtype)
+def assert_variants_match_default(entry, kwargs, dtype):
+    variants = vector_variants()
+    ref_opt, ref_params = run_with_variant("default", entry, kwargs, dtype)
     init = Problem(SPECS, "cpu", seed=3).params(dtype)
     assert any(not torch.equal(p, q) for p, q in zip(ref_params, init)), "the run did not move the params"
     for variant in variants:
-        opt, params = run_with_variant(variant, entry, opt_id, dtype)
+        opt, params = run_with_variant(variant, entry, kwargs, dtype)
         assert_identical_runs(opt, params, ref_opt, ref_params, variant)
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("entry, opt_id", option_params(representative_only=True))
+def test_variants_match_default_bit_for_bit(entry, opt_id, dtype_id, restore_variant):
+    assert_variants_match_default(entry, entry.option_sets[opt_id], DTYPES[dtype_id])
 
 
 # The stored path (csrc/cpu/stored_update.h) in every variant: stochastic bf16 rounding and Kahan's nearest
@@ -101,23 +109,8 @@ STORED_MODES = {
 @pytest.mark.parametrize("mode", list(STORED_MODES))
 @pytest.mark.parametrize("entry, opt_id", option_params(representative_only=True))
 def test_stored_path_variants_match_default_bit_for_bit(entry, opt_id, mode, restore_variant):
-    variants = [v for v in VECTOR_VARIANTS if v in available()]
-    if not variants:
-        pytest.skip(f"this CPU has no AVX2 or AVX-512 (available: {', '.join(available())})")
     options, dtype = STORED_MODES[mode]
-    kwargs = {**entry.option_sets[opt_id], **options}
-
-    def run_stored(variant):
-        ops()._set_cpu_variant(variant)
-        problem = Problem(SPECS, "cpu", seed=3)
-        return run(entry.fused_cls, problem, dtype, kwargs, entry.group_overrides, steps=STEPS)
-
-    ref_opt, ref_params = run_stored("default")
-    init = Problem(SPECS, "cpu", seed=3).params(dtype)
-    assert any(not torch.equal(p, q) for p, q in zip(ref_params, init)), "the run did not move the params"
-    for variant in variants:
-        opt, params = run_stored(variant)
-        assert_identical_runs(opt, params, ref_opt, ref_params, variant)
+    assert_variants_match_default(entry, {**entry.option_sets[opt_id], **options}, dtype)
 
 
 def _edge_problem(dtype):
@@ -142,9 +135,7 @@ def _edge_problem(dtype):
 
 @pytest.mark.parametrize("dtype_id", ["bf16", "fp16"])
 def test_stochastic_rounding_of_edge_values_matches_default(dtype_id, restore_variant):
-    variants = [v for v in VECTOR_VARIANTS if v in available()]
-    if not variants:
-        pytest.skip(f"this CPU has no AVX2 or AVX-512 (available: {', '.join(available())})")
+    variants = vector_variants()
     start, grad = _edge_problem(DTYPES[dtype_id])
 
     def rounded(variant):
