@@ -249,7 +249,8 @@ C10_ALWAYS_INLINE void store_regs(void* base, int32_t type, int64_t i, int64_t c
 
 // The value the rule updates: the master copy, or the param (plus its compensation).
 template <bool kFull>
-C10_ALWAYS_INLINE void load_param_regs(const TensorEntry& e, const StoragePolicy& policy, int64_t i, int64_t count, Regs& out) {
+C10_ALWAYS_INLINE void load_param_regs(const TensorEntry& e, const StoragePolicy& policy, int64_t i, int64_t count,
+                                       Regs& out) {
   if (policy.has_master) {
     load_regs<kFull>(e.extra, kStoredFloat, i, count, out);
     return;
