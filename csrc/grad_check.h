@@ -16,11 +16,16 @@ namespace fusedopt {
 // fusedopt._C.check_grads(name, params).
 void register_grad_check(pybind11::module_& m);
 
-// Whether `grad` can update `param`: defined, dense, same shape, dtype and device. Inline: every step asks it of
-// every gradient, and the answer is almost always yes.
+// Whether `t` can stand beside `param` in a launch: defined, dense, of `dtype`, on the param's device and shaped
+// like it. Inline: every step asks it of every grad and state tensor, and the answer is almost always yes.
+inline bool like_param(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype) {
+  return t.defined() && t.layout() == at::kStrided && t.scalar_type() == dtype && t.device() == param.device() &&
+         t.sizes() == param.sizes();
+}
+
+// Whether `grad` can update `param`: like_param in the param's dtype.
 inline bool grad_usable(const at::Tensor& param, const at::Tensor& grad) {
-  return grad.defined() && grad.layout() == at::kStrided && grad.scalar_type() == param.scalar_type() &&
-         grad.device() == param.device() && grad.sizes() == param.sizes();
+  return like_param(grad, param, param.scalar_type());
 }
 
 // Empty when `grad` can update `param` (grad_usable); otherwise why not.

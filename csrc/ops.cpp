@@ -36,11 +36,7 @@ void explain_unlike_param(std::string_view op, const char* what, size_t index, c
 
 C10_ALWAYS_INLINE void check_like_param(std::string_view op, const char* what, size_t index, const at::Tensor& t,
                                         const at::Tensor& param, at::ScalarType dtype) {
-  if (C10_LIKELY(t.defined() && t.layout() == at::kStrided && t.scalar_type() == dtype &&
-                 t.device() == param.device() && t.sizes() == param.sizes())) {
-    return;
-  }
-  explain_unlike_param(op, what, index, t, param, dtype);
+  if (C10_UNLIKELY(!like_param(t, param, dtype))) explain_unlike_param(op, what, index, t, param, dtype);
 }
 
 bool is_low_precision(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }

@@ -127,7 +127,7 @@ C10_HOST_DEVICE inline uint32_t random_bits(const RandomKey& key, int64_t i) {
 }
 
 // The 16 random bits bf16's rounding consumes for element i (it drops 16 bits): elements 2j and 2j + 1 take the
-// low and high halves of draw j. Half the hashes of one draw per element; and read as 16-bit words, the draws
+// low and high halves of draw j: half as many hashes as a draw per element, and read as 16-bit words the draws
 // of pairs j, j + 1, ... are the bits of elements 2j, 2j + 1, ... in order, so a vector kernel spreads them by
 // zero-extending words. fp16 keeps a draw per element (its rounding compares 24 bits).
 C10_HOST_DEVICE inline uint32_t random_bits16(const RandomKey& key, int64_t i) {

@@ -105,6 +105,15 @@ C10_ALWAYS_INLINE void prefetch_ahead(const void* base, int64_t byte_offset, boo
 #endif
 }
 
+// prefetch_ahead for every buffer of a plain entry (one dtype: the same byte offset in each) at element i.
+template <typename scalar_t, int kStates>
+C10_ALWAYS_INLINE void prefetch_entry(const TensorEntry& entry, int64_t i, bool written) {
+  const int64_t offset = i * int64_t(sizeof(scalar_t));
+  prefetch_ahead(entry.param, offset, written);
+  prefetch_ahead(entry.grad, offset, false);
+  for (int k = 0; k < kStates; ++k) prefetch_ahead(entry.state[k], offset, written);
+}
+
 // The kernel: whole registers, then one partial register (masked load and store) for the tail, so the rule is
 // only ever evaluated on vectors and the scalar instantiations stay the baseline's. Each whole step moves one
 // register of every buffer (at most a cache line): one prefetch per buffer.
@@ -138,10 +147,7 @@ void update_range(const TensorEntry& entry, const Rule& rule, typename Rule::opm
   };
   int64_t i = begin;
   for (; i + L::kWidth <= end; i += L::kWidth) {
-    const int64_t offset = i * int64_t(sizeof(scalar_t));
-    prefetch_ahead(param, offset, true);
-    prefetch_ahead(grad, offset, false);
-    for (int k = 0; k < kStates; ++k) prefetch_ahead(state[k], offset, true);
+    prefetch_entry<scalar_t, kStates>(entry, i, true);
     apply(i, L::kWidth, std::true_type{});
   }
   if (i < end) apply(i, end - i, std::false_type{});
@@ -203,12 +209,7 @@ void tensor_sums_range(const TensorEntry& entry, const Rule& rule, typename Rule
   accumulate_tensor_terms<L::kParts, L::kWidth>(
       rule, grad_factor, begin, end, sums, [&](int64_t i, int64_t count, auto full, auto& p, auto& g, auto& s) {
         constexpr bool kFull = decltype(full)::value;
-        if constexpr (kFull) {
-          const int64_t offset = i * int64_t(sizeof(scalar_t));
-          prefetch_ahead(param, offset, false);
-          prefetch_ahead(grad, offset, false);
-          for (int k = 0; k < kStates; ++k) prefetch_ahead(entry.state[k], offset, false);
-        }
+        if constexpr (kFull) prefetch_entry<scalar_t, kStates>(entry, i, false);
         L::template load<kFull>(param + i, count, p);
         L::template load<kFull>(grad + i, count, g);
         for (int k = 0; k < kStates; ++k) {
