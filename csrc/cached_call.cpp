@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "grad_check.h"
+#include "host_prefetch.h"
 #include "plan_guard.h"
 
 namespace fusedopt {
@@ -27,6 +28,29 @@ at::Tensor kernel_grad(const at::Tensor& grad) {
   py::object wrapped = py::reinterpret_steal<py::object>(THPVariable_Wrap(grad));
   if (!py::hasattr(wrapped, "_local_tensor")) return grad;
   return THPVariable_Unpack(wrapped.attr("_local_tensor").ptr());
+}
+
+// A param's .grad, read from its autograd metadata: Tensor::grad() also asks whether the tensor is a leaf (for
+// its warning about non-leaf tensors), a virtual call per param per step.
+C10_ALWAYS_INLINE const at::Tensor& grad_of(const at::Tensor& param) { return param.unsafeGetTensorImpl()->grad(); }
+
+// A param's grad is three objects away: the param's TensorImpl, its AutogradMeta, the grad's TensorImpl. Stage
+// `stage` (0, 1, 2) requests one of them; stage s reads what stage s - 1 requested (csrc/host_prefetch.h).
+C10_ALWAYS_INLINE void prefetch_grad_link(const at::Tensor& param, int stage) {
+  if (stage == 0) return host::prefetch_metadata(param);
+  const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(param.unsafeGetTensorImpl()->autograd_meta());
+  if (meta == nullptr) return;
+  if (stage == 1) return host::prefetch_bytes(meta, 128);  // the grad's link lies in its first bytes
+  host::prefetch_metadata(meta->grad_);
+}
+
+// For a loop at params[i]: each stage of the grad chains of the params ahead (csrc/host_prefetch.h), the
+// chain of params[i + kAhead] one stage from its end.
+C10_ALWAYS_INLINE void prefetch_grads_ahead(const std::vector<at::Tensor>& params, size_t i) {
+  for (int stage = 0; stage < 3; ++stage) {
+    const size_t ahead = i + size_t(3 - stage) * host::kAhead;
+    if (ahead < params.size()) prefetch_grad_link(params[ahead], stage);
+  }
 }
 
 class CachedCall {
@@ -62,8 +86,10 @@ class CachedCall {
   // could not be used. A step checks every launch this way before it runs any, so a bad gradient in one
   // launch cannot leave the params of another half-updated.
   bool grads_ready() const {
-    for (const at::Tensor& param : grad_sources_) {
-      const at::Tensor& grad = param.grad();
+    for (size_t i = 0; i < grad_sources_.size(); ++i) {
+      prefetch_grads_ahead(grad_sources_, i);
+      const at::Tensor& param = grad_sources_[i];
+      const at::Tensor& grad = grad_of(param);
       if (!grad.defined()) return false;
       if (!grad_usable(param, grad)) TORCH_CHECK(false, "fusedopt: ", grad_problem(param, grad));
     }
@@ -76,8 +102,9 @@ class CachedCall {
   void run(const py::dict& updates) {
     c10::List<at::Tensor> grads;
     grads.reserve(grad_sources_.size());
-    for (const at::Tensor& param : grad_sources_) {
-      const at::Tensor& grad = param.grad();
+    for (size_t i = 0; i < grad_sources_.size(); ++i) {
+      prefetch_grads_ahead(grad_sources_, i);
+      const at::Tensor& grad = grad_of(grad_sources_[i]);
       TORCH_CHECK(grad.defined(), "fusedopt: a param of this step lost its gradient");
       at::Tensor local = kernel_grad(grad);
       grads.push_back(local.is_complex() ? at::view_as_real(local) : std::move(local));
@@ -108,7 +135,7 @@ class CachedCall {
 
 bool none_has_grad(const std::vector<at::Tensor>& params) {
   for (const auto& p : params) {
-    if (p.grad().defined()) return false;
+    if (grad_of(p).defined()) return false;
   }
   return true;
 }

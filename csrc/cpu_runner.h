@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "host_prefetch.h"
 #include "lr_schedule.h"
 #include "ops.h"
 
@@ -94,6 +95,23 @@ class RuleCache {
   float scalars_[kScalars > 0 ? kScalars : 1] = {};
 };
 
+// The first line of every buffer of tensor t (when there is one), requested while the walk is kAhead tensors
+// before it: small tensors are separate allocations, which the kernels' own prefetch (ahead within one
+// tensor) does not reach, and a step after backward finds them out of cache (csrc/host_prefetch.h).
+inline void prefetch_tensor_data(const TableView& table, int64_t t) {
+  if (t >= table.header().num_tensors) return;
+  const TensorEntry& e = table.tensors()[t];
+  __builtin_prefetch(e.param, 1, 3);
+  __builtin_prefetch(e.grad, 0, 3);
+  for (void* state : e.state) {
+    if (state != nullptr) __builtin_prefetch(state, 1, 3);
+  }
+  for (float* scalar : e.scalars) {
+    if (scalar != nullptr) __builtin_prefetch(scalar, 1, 3);
+  }
+  if (e.extra != nullptr) __builtin_prefetch(e.extra, 1, 3);
+}
+
 // Below this many elements a single thread is faster than waking the pool.
 constexpr int64_t kSerialBelow = 1 << 16;
 
@@ -158,8 +176,9 @@ struct CpuRunner {
         if (begin >= end) return;
         RuleCache<Rule> rules(table);
         int64_t t = table.tensor_of_chunk(begin);
+        for (int64_t ahead = t; ahead < t + host::kAhead; ++ahead) prefetch_tensor_data(table, ahead);
         for (int64_t chunk = begin; chunk < end; ++chunk) {
-          while (table.first_chunk()[t + 1] <= chunk) ++t;
+          while (table.first_chunk()[t + 1] <= chunk) prefetch_tensor_data(table, ++t + host::kAhead);
           const TensorEntry& entry = table.tensors()[t];
           const int64_t start = (chunk - table.first_chunk()[t]) * kChunkSize;
           body(entry, start, std::min(start + kChunkSize, entry.numel), chunk, rules);

@@ -16,15 +16,25 @@ namespace fusedopt {
 // fusedopt._C.check_grads(name, params).
 void register_grad_check(pybind11::module_& m);
 
+// Whether two shapes are equal. IntArrayRef's == calls memcmp, a library call per comparison: shapes have a few
+// dims, and steps compare one per tensor.
+C10_ALWAYS_INLINE bool same_sizes(at::IntArrayRef a, at::IntArrayRef b) {
+  if (a.size() != b.size()) return false;
+  for (size_t d = 0; d < a.size(); ++d) {
+    if (a[d] != b[d]) return false;
+  }
+  return true;
+}
+
 // Whether `t` can stand beside `param` in a launch: defined, dense, of `dtype`, on the param's device and shaped
 // like it. Inline: every step asks it of every grad and state tensor, and the answer is almost always yes.
-inline bool like_param(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype) {
+C10_ALWAYS_INLINE bool like_param(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype) {
   return t.defined() && t.layout() == at::kStrided && t.scalar_type() == dtype && t.device() == param.device() &&
-         t.sizes() == param.sizes();
+         same_sizes(t.sizes(), param.sizes());
 }
 
 // Whether `grad` can update `param`: like_param in the param's dtype.
-inline bool grad_usable(const at::Tensor& param, const at::Tensor& grad) {
+C10_ALWAYS_INLINE bool grad_usable(const at::Tensor& param, const at::Tensor& grad) {
   return like_param(grad, param, param.scalar_type());
 }
 

@@ -7,6 +7,7 @@
 
 #include "lr_schedule.h"
 #include "grad_check.h"
+#include "host_prefetch.h"
 #include "ops.h"
 
 namespace fusedopt {
@@ -37,6 +38,21 @@ void explain_unlike_param(std::string_view op, const char* what, size_t index, c
 C10_ALWAYS_INLINE void check_like_param(std::string_view op, const char* what, size_t index, const at::Tensor& t,
                                         const at::Tensor& param, at::ScalarType dtype) {
   if (C10_UNLIKELY(!like_param(t, param, dtype))) explain_unlike_param(op, what, index, t, param, dtype);
+}
+
+// Whether two table records hold the same bits. std::memcmp of a record is a library call, and prepare_step
+// compares one record per tensor every step; word loads compare it inline.
+template <typename Record>
+C10_ALWAYS_INLINE bool same_record(const Record& a, const Record& b) {
+  static_assert(sizeof(Record) % 8 == 0, "table records are whole int64 words");
+  uint64_t difference = 0;
+  for (size_t offset = 0; offset < sizeof(Record); offset += 8) {
+    uint64_t x, y;
+    std::memcpy(&x, reinterpret_cast<const char*>(&a) + offset, 8);
+    std::memcpy(&y, reinterpret_cast<const char*>(&b) + offset, 8);
+    difference |= x ^ y;
+  }
+  return difference == 0;
 }
 
 bool is_low_precision(at::ScalarType dtype) { return dtype == at::kBFloat16 || dtype == at::kHalf; }
@@ -152,6 +168,68 @@ void validate_extras(const StepInputs& in, const at::Device& device) {
   }
 }
 
+// One state dtype per launch: the first buffer's (the params' when there is none).
+at::ScalarType launch_state_dtype(const StepInputs& in) {
+  return !in.states.empty() && in.states[0][0].defined() ? in.states[0][0].scalar_type()
+                                                         : in.params[0].scalar_type();
+}
+
+// Every tensor of entry i against params[i] and the launch's dtypes and device. prepare_step checks each entry
+// just before it reads it: one walk over the tensors, not one to check and one to read (validate checks the
+// rest of the call before either).
+void check_entry(const StepInputs& in, size_t i, at::ScalarType state_dtype) {
+  const std::string_view op = in.op_name;
+  const at::Tensor& first = in.params[0];
+  const at::ScalarType dtype = first.scalar_type();
+  const at::Tensor& param = in.params[i];
+  TORCH_CHECK(param.scalar_type() == dtype && param.device() == first.device() && param.layout() == at::kStrided,
+              "fusedopt.", op, ": all params of one launch must share dtype and device; params[", i, "] is ",
+              describe(param), ", params[0] is ", describe(first));
+  if (!grad_usable(param, in.grads[i])) {
+    TORCH_CHECK(false, "fusedopt.", op, ": grads[", i, "]: ", grad_problem(param, in.grads[i]));
+  }
+  for (const auto& list : in.states) check_like_param(op, "state", i, list[i], param, state_dtype);
+  if (!in.extras.master_params.empty()) {
+    check_like_param(op, "master_params", i, in.extras.master_params[i], param, at::kFloat);
+  }
+  if (!in.extras.kahan_comp.empty()) check_like_param(op, "kahan_comp", i, in.extras.kahan_comp[i], param, dtype);
+  for (const auto& list : in.scalars) {
+    const at::Tensor& scalar = list[i];
+    TORCH_CHECK(scalar.defined() && scalar.numel() == 1 && scalar.scalar_type() == at::kFloat &&
+                    scalar.device() == param.device(),
+                "fusedopt.", op, ": scalar state [", i, "] must be a 1-element float32 tensor on ", param.device(),
+                ", got ", scalar.defined() ? describe(scalar) : std::string("undefined"));
+  }
+}
+
+// host_prefetch.h's two stages for every tensor of the entries ahead of entry i: the TensorImpls of entry
+// i + 2 * kAhead, the StorageImpls of entry i + kAhead (whose TensorImpls the loop requested kAhead entries ago).
+void prefetch_entries_ahead(const StepInputs& in, int64_t i, int64_t n) {
+  for (int stage = 0; stage < 2; ++stage) {
+    const int64_t j = i + (2 - stage) * host::kAhead;
+    if (j >= n) continue;
+    auto request = [stage](const at::Tensor& t) {
+      if (stage == 0) {
+        host::prefetch_metadata(t);
+      } else {
+        host::prefetch_storage(t);
+      }
+    };
+    request(in.params[j]);
+    request(in.grads[j]);
+    for (const auto& list : in.states) request(list[j]);
+    for (const auto& list : in.scalars) request(list[j]);
+    if (!in.extras.master_params.empty()) request(in.extras.master_params[j]);
+    if (!in.extras.kahan_comp.empty()) request(in.extras.kahan_comp[j]);
+  }
+}
+
+// The table entry prepare_step compares next after a few more tensors: the table is rewritten only when
+// something changed, so a step usually finds it out of cache.
+void prefetch_table_entry(TableView table, int64_t i, int64_t n) {
+  if (i + host::kAhead < n) host::prefetch_bytes(&table.tensors()[i + host::kAhead], sizeof(TensorEntry));
+}
+
 // Returns the launch's storage policy (plain for an empty launch).
 StoragePolicy validate(const StepInputs& in) {
   const std::string_view op = in.op_name;
@@ -181,32 +259,9 @@ StoragePolicy validate(const StepInputs& in) {
   const auto dtype = first.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "fusedopt.", op, ": params must be float32, float64, float16 or bfloat16, got ", dtype);
-  // One state dtype per launch: the first buffer's (the params' when there is none).
-  const at::ScalarType state_dtype =
-      !in.states.empty() && in.states[0][0].defined() ? in.states[0][0].scalar_type() : dtype;
-  // Before the loop below: it checks the sizes of the master and compensation lists the loop indexes.
-  const StoragePolicy storage = storage_policy(in, dtype, state_dtype);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& param = in.params[i];
-    TORCH_CHECK(param.scalar_type() == dtype && param.device() == first.device() && param.layout() == at::kStrided,
-                "fusedopt.", op, ": all params of one launch must share dtype and device; params[", i, "] is ",
-                describe(param), ", params[0] is ", describe(first));
-    if (!grad_usable(param, in.grads[i])) {
-      TORCH_CHECK(false, "fusedopt.", op, ": grads[", i, "]: ", grad_problem(param, in.grads[i]));
-    }
-    for (const auto& list : in.states) check_like_param(op, "state", i, list[i], param, state_dtype);
-    if (!in.extras.master_params.empty()) {
-      check_like_param(op, "master_params", i, in.extras.master_params[i], param, at::kFloat);
-    }
-    if (!in.extras.kahan_comp.empty()) check_like_param(op, "kahan_comp", i, in.extras.kahan_comp[i], param, dtype);
-    for (const auto& list : in.scalars) {
-      const at::Tensor& scalar = list[i];
-      TORCH_CHECK(scalar.defined() && scalar.numel() == 1 && scalar.scalar_type() == at::kFloat &&
-                      scalar.device() == param.device(),
-                  "fusedopt.", op, ": scalar state [", i, "] must be a 1-element float32 tensor on ", param.device(),
-                  ", got ", scalar.defined() ? describe(scalar) : std::string("undefined"));
-    }
-  }
+  // Before prepare_step's loop over the tensors (check_entry): it checks the sizes of the master and
+  // compensation lists the loop indexes.
+  const StoragePolicy storage = storage_policy(in, dtype, launch_state_dtype(in));
   for (size_t g = 0; g < num_groups; ++g) {
     const std::optional<at::Tensor> lr = in.lrs.get(g);
     if (lr.has_value() && lr->defined()) {
@@ -314,7 +369,12 @@ PreparedStep prepare_step(const StepInputs& in) {
 
   bool groups_changed = false;
   int64_t group = 0;
+  const at::ScalarType state_dtype = launch_state_dtype(in);
   for (int64_t i = 0; i < n; ++i) {
+    prefetch_entries_ahead(in, i, n);
+    prefetch_table_entry(table, i, n);
+    // A throw here leaves the table as it was or marked incomplete (above), and the params and state untouched.
+    check_entry(in, i, state_dtype);
     while (in.group_ends[group] <= i) ++group;
     const at::Tensor* param = &in.params[i];
     at::Tensor dense_param;  // only for a param the kernel cannot walk in place
@@ -338,7 +398,7 @@ PreparedStep prepare_step(const StepInputs& in) {
     e.numel = param->numel();
     e.group = int32_t(group);
     e.fresh_state = in.fresh_state.empty() ? 0 : int32_t(in.fresh_state[i] != 0);
-    if (std::memcmp(&e, &table.tensors()[i], sizeof(TensorEntry)) != 0) {
+    if (!same_record(e, table.tensors()[i])) {
       if (!changed) mark_changed();
       table.tensors()[i] = e;
     }

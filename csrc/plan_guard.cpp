@@ -16,6 +16,9 @@
 // old storage: the guard checks that each view still views its source.
 #include "plan_guard.h"
 
+#include "grad_check.h"
+#include "host_prefetch.h"
+
 #include <vector>
 
 namespace fusedopt {
@@ -49,11 +52,13 @@ class PlanGuard {
   // every real view still viewing its source. False means rebuild (which raises on unusable state).
   bool unchanged() const {
     if (unsupported_) return false;
-    for (const Watched& watched : watched_) {
-      if (!same_contents(watched)) return false;
+    for (size_t w = 0; w < watched_.size(); ++w) {
+      prefetch_containers_ahead(w);
+      if (!same_contents(watched_[w])) return false;
     }
-    for (const Entry& entry : entries_) {
-      if (!entry_matches(entry)) return false;
+    for (size_t e = 0; e < entries_.size(); ++e) {
+      if (e + host::kAhead < entries_.size()) prefetch_entry(entries_[e + host::kAhead]);
+      if (!entry_matches(entries_[e])) return false;
     }
     for (const auto& [source, view] : views_) {
       if (!still_views(source, view)) return false;
@@ -101,6 +106,28 @@ class PlanGuard {
     watched_.push_back({py::reinterpret_borrow<py::object>(container), kind, begin, objects_.size()});
   }
 
+  // A step after backward finds the state dicts and tensors out of cache: request the objects the loops in
+  // unchanged() read a few positions ahead (csrc/host_prefetch.h). A dict is two objects, the dict and its keys
+  // table: the first stage requests the dict of watched_[w + 2 kAhead], the second the keys of watched_[w + kAhead].
+  void prefetch_containers_ahead(size_t w) const {
+    for (int stage = 0; stage < 2; ++stage) {
+      const size_t ahead = w + size_t(2 - stage) * host::kAhead;
+      if (ahead >= watched_.size() || watched_[ahead].kind != Kind::kDict) continue;
+      PyObject* dict = watched_[ahead].container.ptr();
+      if (stage == 0) {
+        host::prefetch_bytes(dict, sizeof(PyDictObject));
+      } else {
+        host::prefetch_bytes(reinterpret_cast<PyDictObject*>(dict)->ma_keys, 128);
+      }
+    }
+  }
+
+  void prefetch_entry(const Entry& entry) const {
+    host::prefetch_metadata(entry.param);
+    for (size_t s = entry.states_begin; s < entry.states_end; ++s) host::prefetch_metadata(state_tensors_[s]);
+    for (size_t s = entry.scalars_begin; s < entry.scalars_end; ++s) host::prefetch_metadata(scalar_tensors_[s]);
+  }
+
   bool same_contents(const Watched& watched) const {
     PyObject* object = watched.container.ptr();
     if (watched.kind == Kind::kDict) {
@@ -127,7 +154,8 @@ class PlanGuard {
     const at::IntArrayRef sizes = param.sizes();
     for (size_t s = entry.states_begin; s < entry.states_end; ++s) {
       const at::Tensor& state = state_tensors_[s];
-      if (state.scalar_type() != state_dtypes_[s] || state.device() != entry.device || state.sizes() != sizes) {
+      if (state.scalar_type() != state_dtypes_[s] || state.device() != entry.device ||
+          !same_sizes(state.sizes(), sizes)) {
         return false;
       }
     }
