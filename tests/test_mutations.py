@@ -24,6 +24,10 @@ DTYPE = torch.float32
 # launch runs. The changes to a group's hyperparameters and params are made to group 0 (params 1 and 2).
 SPECS = (PSpec((2, 3), group=1), PSpec((5,), group=0), PSpec((4,), group=0))
 STEPS_BEFORE, STEPS_AFTER = 2, 3
+# A long plan: the same three params plus 26 others in both groups, and params[0] placed after every other
+# param of its group. The host loops over a plan's tensors request the objects of the tensors ahead of the one
+# they are at (csrc/host_prefetch.h); here a changed param, state dict or grad is reached from far down the plan.
+LONG_SPECS = SPECS + tuple(PSpec((1 + i % 6, 2), group=i % 2) for i in range(26))
 
 
 def _values(shape, seed, device, dtype=DTYPE):
@@ -231,8 +235,8 @@ def _cases():
 class Run:
     """One optimizer over the problem; grads are drawn per step for whatever params its groups hold."""
 
-    def __init__(self, cls, entry, opt_id, device, dtype=DTYPE):
-        self.problem = Problem(SPECS, device, seed=31)
+    def __init__(self, cls, entry, opt_id, device, dtype=DTYPE, long_plan=False):
+        self.problem = Problem(LONG_SPECS if long_plan else SPECS, device, seed=31)
         self.params = self.problem.params(dtype)
         kwargs = dict(entry.option_sets[opt_id])
         if cls is entry.torch_cls and "foreach" in inspect.signature(cls).parameters:
@@ -240,7 +244,13 @@ class Run:
             # tensor betas, which the for-loop implementation and fusedopt accept (fusedopt.references' classes
             # are for-loops only)
             kwargs["foreach"] = False
-        self.opt = cls(self.problem.param_arg(self.params, entry.group_overrides[1:]), **kwargs)
+        groups = self.problem.param_arg(self.params, entry.group_overrides[1:])
+        if long_plan:  # params[0] last in its group (compared by identity: `in` would compare values)
+            first = self.params[0]
+            for group in groups:
+                if any(p is first for p in group["params"]):
+                    group["params"] = [p for p in group["params"] if p is not first] + [first]
+        self.opt = cls(groups, **kwargs)
 
     def all_params(self):
         """The original params, then any a change added, without duplicates, in a deterministic order."""
@@ -282,6 +292,19 @@ def test_mutation_between_steps_complex(entry, mutation, device):
     _check_mutation(entry, entry.representative[-1], mutation, device, torch.complex64)
 
 
+# The changes to the objects a step reaches per param (its grad, state dict, state tensors, data).
+LONG_PLAN_MUTATIONS = ("state_entry_reset", "buffers_replaced", "buffers_data_swapped", "buffer_wrong_dtype",
+                       "step_replaced", "param_data_same_shape", "param_data_other_shape", "requires_grad_off",
+                       "grad_none_then_back")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mutation", [m for m in MUTATIONS if m.id in LONG_PLAN_MUTATIONS], ids=lambda m: m.id)
+@pytest.mark.parametrize("entry", [pytest.param(e, id=e.name) for e in ENTRIES])
+def test_mutation_deep_in_a_long_plan(entry, mutation, device):
+    _check_mutation(entry, entry.representative[0], mutation, device, DTYPE, long_plan=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("entry,opt_id", [pytest.param(e, o, id=f"{e.name}-{o}") for e in ENTRIES
                                           for o in e.representative])
@@ -296,9 +319,9 @@ def test_unchanged_steps_reuse_the_plan(entry, opt_id, device):
         assert run.opt._plan is plan, f"step {t} rebuilt the launch plan of an unchanged optimizer"
 
 
-def _check_mutation(entry, opt_id, mutation, device, dtype):
-    fused = Run(entry.fused_cls, entry, opt_id, device, dtype)
-    ref = Run(entry.torch_cls, entry, opt_id, device, dtype)
+def _check_mutation(entry, opt_id, mutation, device, dtype, long_plan=False):
+    fused = Run(entry.fused_cls, entry, opt_id, device, dtype, long_plan)
+    ref = Run(entry.torch_cls, entry, opt_id, device, dtype, long_plan)
     saved = {}
     for t in range(STEPS_BEFORE):
         for run in (fused, ref):
