@@ -39,6 +39,16 @@ struct TensorSumKernels {
   static inline TensorSumFn<scalar_t, Rule> by_variant[kNumVariants] = {};
 };
 
+// The grad-statistics pass (StepPhase kReduceGrads): the sum of squares (in double) of grad elements
+// [begin, end) of one tensor, and whether any of them is inf or NaN.
+template <typename scalar_t>
+using GradStatsFn = void (*)(const TensorEntry& entry, int64_t begin, int64_t end, double& sum_sq, bool& nonfinite);
+
+template <typename scalar_t>
+struct GradStatsKernels {
+  static inline GradStatsFn<scalar_t> by_variant[kNumVariants] = {};
+};
+
 // The stored path (csrc/storage.h, csrc/cpu/stored_update.h): the same as UpdateFn / TensorSumFn for a launch
 // whose params and states are stored in other dtypes or rounded otherwise than to nearest; `store` says how.
 // One kernel per fp32 rule serves every storage dtype.

@@ -28,33 +28,6 @@ auto active_kernel() {
   return fn;
 }
 
-// Storage -> math conversion for the (scalar) grad reduction. c10's bfloat16 conversion is one shift already;
-// spelled out so the loop vectorizes whatever the compiler.
-template <typename T, typename scalar_t>
-inline T to_math(scalar_t v) {
-  return T(v);
-}
-template <>
-inline float to_math<float, c10::BFloat16>(c10::BFloat16 v) {
-  return c10::bit_cast<float>(uint32_t(v.x) << 16);
-}
-
-// Sum of squares (in double) and non-finite flag of grad elements [begin, end).
-template <typename scalar_t>
-void reduce_range(const TensorEntry& e, int64_t begin, int64_t end, double& sum_sq, bool& nonfinite) {
-  using T = at::opmath_type<scalar_t>;
-  const scalar_t* __restrict__ grad = static_cast<const scalar_t*>(e.grad);
-  double sum = 0.0;
-  bool bad = false;
-  for (int64_t i = begin; i < end; ++i) {
-    const T g = to_math<T>(grad[i]);
-    bad |= is_nonfinite(g);
-    sum += double(g) * double(g);
-  }
-  sum_sq = sum;
-  nonfinite = bad;
-}
-
 // A rule is a pure function of its tensor's group, scalar state (`step`, ...) and fresh flag (RuleInputs), and
 // consecutive tensors usually share all three: reuse the last rule built instead of paying its pow() calls for
 // every small tensor. Scalars are compared bit for bit, so a NaN step still matches itself. A rule built from its
@@ -195,9 +168,10 @@ struct CpuRunner {
       // Per-chunk partial sums added in chunk order: the result does not depend on the thread count.
       std::vector<double> sums(num_chunks);
       std::vector<char> nonfinite(num_chunks);
+      const GradStatsFn<scalar_t> grad_stats = active_kernel<GradStatsKernels<scalar_t>>();
       for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t chunk, RuleCache<Rule>&) {
         bool bad = false;
-        reduce_range<scalar_t>(entry, start, stop, sums[chunk], bad);
+        grad_stats(entry, start, stop, sums[chunk], bad);
         nonfinite[chunk] = bad;
       });
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {

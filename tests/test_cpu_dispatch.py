@@ -16,7 +16,7 @@ import torch
 
 import fusedopt
 from conftest import PSpec, Problem, bits, run
-from registry import option_params
+from registry import ENTRIES, option_params
 
 pytestmark = pytest.mark.skipif(not fusedopt.EXTENSION_AVAILABLE, reason="fusedopt extension not built")
 
@@ -89,6 +89,63 @@ def assert_variants_match_default(entry, kwargs, dtype):
 @pytest.mark.parametrize("entry, opt_id", option_params(representative_only=True))
 def test_variants_match_default_bit_for_bit(entry, opt_id, dtype_id, restore_variant):
     assert_variants_match_default(entry, entry.option_sets[opt_id], DTYPES[dtype_id])
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("entry", [pytest.param(e, id=e.name) for e in ENTRIES])
+def test_clipping_variants_match_default_bit_for_bit(entry, dtype_id, restore_variant):
+    """The grad-statistics pass (the sum of squares max_grad_norm clips by) is vectorized per variant with a fixed
+    order of additions: the global norm, so the clip factor, params and state, must match the baseline's bits.
+    0.5 is far below these grads' norm, so every step clips."""
+    kwargs = {**entry.option_sets[entry.representative[0]], "max_grad_norm": 0.5}
+    assert_variants_match_default(entry, kwargs, DTYPES[dtype_id])
+
+
+def _grad_statistics(variant, dtype, poison=None, spread=0):
+    """grad_stats ([sum of squares, non-finite count]) after the op's reduce phase alone on SPECS' grads, in
+    `variant`; `poison`: (tensor index, element index) of a grad element set to inf first; `spread`: the grads'
+    magnitudes spread over 2^-spread .. 2^spread times a normal draw."""
+    ops()._set_cpu_variant(variant)
+    problem = Problem(SPECS, "cpu", seed=3)
+    params = problem.params(dtype)
+    for i, p in enumerate(params):
+        g = torch.Generator().manual_seed(100 + i)
+        scale = torch.exp2(torch.randint(-spread, spread + 1, p.shape, generator=g))
+        p.grad = (torch.randn(p.shape, generator=g) * scale).to(dtype)
+    if poison is not None:
+        params[poison[0]].grad.view(-1)[poison[1]] = float("inf")
+    op, kwargs = fusedopt.FusedSGD(params, lr=0.1)._op_invocations()[0]
+    stats = torch.zeros(2, dtype=torch.float64)
+    op(**{**kwargs, "phases": 1, "grad_stats": stats})  # kReduceGrads: nothing is updated
+    return stats, params
+
+
+@pytest.mark.parametrize("spread", [0, 12])
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+def test_grad_statistics_match_default_bit_for_bit(dtype_id, spread, restore_variant):
+    """The sum of squares itself, whose low bits the clip factor's rounding to float can hide: every variant adds
+    the same squares in the same order. It also matches float64 arithmetic to rounding. Two spreads of
+    magnitudes: adding the accumulators in another order changed the bf16 sum with the first and the fp32 sum
+    with the second (fp16 squares add exactly in double, in any order)."""
+    dtype = DTYPES[dtype_id]
+    expected, params = _grad_statistics("default", dtype, spread=spread)
+    exact = sum(float(p.grad.double().square().sum()) for p in params)
+    assert expected[1] == 0 and abs(float(expected[0]) - exact) <= 1e-12 * exact
+    for variant in vector_variants():
+        stats, _ = _grad_statistics(variant, dtype, spread=spread)
+        assert torch.equal(stats, expected), f"{variant}: {stats.tolist()} != default's {expected.tolist()}"
+
+
+@pytest.mark.parametrize("where", [(0, 5), (0, 16384 * 2 + 36), (3, 6)], ids=["whole-register", "tail", "small"])
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+def test_grad_statistics_see_an_inf_anywhere(dtype_id, where, restore_variant):
+    """A non-finite grad element is counted whether it lies in a whole register or in a tensor's last, partial
+    one, in every variant."""
+    for variant in ["default"] + list(VECTOR_VARIANTS):
+        if variant not in available():
+            continue
+        stats, _ = _grad_statistics(variant, DTYPES[dtype_id], poison=where)
+        assert stats[1] >= 1, f"{variant}: the inf grad at {where} went unnoticed"
 
 
 # The stored path (csrc/cpu/stored_update.h) in every variant: stochastic bf16 rounding and Kahan's nearest
