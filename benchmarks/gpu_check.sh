@@ -4,8 +4,9 @@
 # (bench_step, train_loop, bench_low_precision). Every log and result goes under $OUT; the last lines printed are
 # a short summary, since only the end of the output comes back.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh                  # everything
-#   STAGES="tests bench_step" bash benchmarks/gpu_check.sh     # some stages (after a build in the same tree)
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh                  # everything (about 14 minutes at the limits)
+#   STAGES="build tests" bash benchmarks/gpu_check.sh          # a device call may run 10 minutes at most: this,
+#   STAGES="bench_step train_loop low_precision" bash benchmarks/gpu_check.sh   # then this, while still warm
 #
 # Stages run in order, each under its own time limit (seconds, overridable below), and a stage that fails or
 # times out does not stop the next ones, except the build. Commit what $OUT holds under benchmarks/results/
@@ -17,7 +18,7 @@ OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
 STAGES=${STAGES:-"build tests bench_step train_loop low_precision"}
 PY=${PYTHON:-python3}
 WORKERS=${WORKERS:-8}
-BUILD_S=${BUILD_S:-240} TESTS_S=${TESTS_S:-240} BENCH_S=${BENCH_S:-120} LOOP_S=${LOOP_S:-150} LOWP_S=${LOWP_S:-60}
+BUILD_S=${BUILD_S:-240} TESTS_S=${TESTS_S:-300} BENCH_S=${BENCH_S:-180} LOOP_S=${LOOP_S:-180} LOWP_S=${LOWP_S:-90}
 mkdir -p "$OUT"
 summary="$OUT/summary.txt"
 : > "$summary"
