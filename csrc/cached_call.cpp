@@ -44,13 +44,10 @@ C10_ALWAYS_INLINE void prefetch_grad_link(const at::Tensor& param, int stage) {
   host::prefetch_metadata(meta->grad_);
 }
 
-// For a loop at params[i]: each stage of the grad chains of the params ahead (csrc/host_prefetch.h), the
-// chain of params[i + kAhead] one stage from its end.
+// For a loop at params[i]: the links of the grad chains of the params ahead.
 C10_ALWAYS_INLINE void prefetch_grads_ahead(const std::vector<at::Tensor>& params, size_t i) {
-  for (int stage = 0; stage < 3; ++stage) {
-    const size_t ahead = i + size_t(3 - stage) * host::kAhead;
-    if (ahead < params.size()) prefetch_grad_link(params[ahead], stage);
-  }
+  host::prefetch_chains_ahead<3>(i, params.size(),
+                                 [&](size_t ahead, int stage) { prefetch_grad_link(params[ahead], stage); });
 }
 
 class CachedCall {

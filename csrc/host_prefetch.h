@@ -36,4 +36,15 @@ C10_ALWAYS_INLINE void prefetch_storage(const at::Tensor& t) {
   if (storage) prefetch_bytes(storage.unsafeGetStorageImpl(), sizeof(c10::StorageImpl));
 }
 
+// The loop at position i of n items, each reached through a chain of kStages objects: stage s of item
+// i + (kStages - s) * kAhead is requested now, so every stage reads what the stage before it requested kAhead
+// positions ago. request(item, stage) requests one link.
+template <int kStages, typename Request>
+C10_ALWAYS_INLINE void prefetch_chains_ahead(size_t i, size_t n, const Request& request) {
+  for (int stage = 0; stage < kStages; ++stage) {
+    const size_t ahead = i + size_t(kStages - stage) * size_t(kAhead);
+    if (ahead < n) request(ahead, stage);
+  }
+}
+
 }  // namespace fusedopt::host

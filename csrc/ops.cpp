@@ -202,12 +202,9 @@ void check_entry(const StepInputs& in, size_t i, at::ScalarType state_dtype) {
   }
 }
 
-// host_prefetch.h's two stages for every tensor of the entries ahead of entry i: the TensorImpls of entry
-// i + 2 * kAhead, the StorageImpls of entry i + kAhead (whose TensorImpls the loop requested kAhead entries ago).
+// The two stages (TensorImpl, then StorageImpl) of every tensor of the entries ahead of entry i.
 void prefetch_entries_ahead(const StepInputs& in, int64_t i, int64_t n) {
-  for (int stage = 0; stage < 2; ++stage) {
-    const int64_t j = i + (2 - stage) * host::kAhead;
-    if (j >= n) continue;
+  host::prefetch_chains_ahead<2>(i, n, [&](size_t j, int stage) {
     auto request = [stage](const at::Tensor& t) {
       if (stage == 0) {
         host::prefetch_metadata(t);
@@ -221,13 +218,14 @@ void prefetch_entries_ahead(const StepInputs& in, int64_t i, int64_t n) {
     for (const auto& list : in.scalars) request(list[j]);
     if (!in.extras.master_params.empty()) request(in.extras.master_params[j]);
     if (!in.extras.kahan_comp.empty()) request(in.extras.kahan_comp[j]);
-  }
+  });
 }
 
-// The table entry prepare_step compares next after a few more tensors: the table is rewritten only when
-// something changed, so a step usually finds it out of cache.
+// The table entries prepare_step compares a few tensors on: the table is rewritten only when something changed,
+// so a step usually finds it out of cache.
 void prefetch_table_entry(TableView table, int64_t i, int64_t n) {
-  if (i + host::kAhead < n) host::prefetch_bytes(&table.tensors()[i + host::kAhead], sizeof(TensorEntry));
+  host::prefetch_chains_ahead<1>(
+      i, n, [&](size_t j, int) { host::prefetch_bytes(&table.tensors()[j], sizeof(TensorEntry)); });
 }
 
 // Returns the launch's storage policy (plain for an empty launch).

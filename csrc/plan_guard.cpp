@@ -57,7 +57,8 @@ class PlanGuard {
       if (!same_contents(watched_[w])) return false;
     }
     for (size_t e = 0; e < entries_.size(); ++e) {
-      if (e + host::kAhead < entries_.size()) prefetch_entry(entries_[e + host::kAhead]);
+      host::prefetch_chains_ahead<1>(e, entries_.size(),
+                                     [&](size_t j, int) { prefetch_tensors_of(entries_[j]); });
       if (!entry_matches(entries_[e])) return false;
     }
     for (const auto& [source, view] : views_) {
@@ -107,22 +108,22 @@ class PlanGuard {
   }
 
   // A step after backward finds the state dicts and tensors out of cache: request the objects the loops in
-  // unchanged() read a few positions ahead (csrc/host_prefetch.h). A dict is two objects, the dict and its keys
-  // table: the first stage requests the dict of watched_[w + 2 kAhead], the second the keys of watched_[w + kAhead].
+  // unchanged() read a few positions ahead (csrc/host_prefetch.h). A dict is two objects: the dict, then its
+  // keys table (where PyDict_Next finds the entries).
   void prefetch_containers_ahead(size_t w) const {
-    for (int stage = 0; stage < 2; ++stage) {
-      const size_t ahead = w + size_t(2 - stage) * host::kAhead;
-      if (ahead >= watched_.size() || watched_[ahead].kind != Kind::kDict) continue;
+    host::prefetch_chains_ahead<2>(w, watched_.size(), [&](size_t ahead, int stage) {
+      if (watched_[ahead].kind != Kind::kDict) return;
       PyObject* dict = watched_[ahead].container.ptr();
       if (stage == 0) {
         host::prefetch_bytes(dict, sizeof(PyDictObject));
       } else {
         host::prefetch_bytes(reinterpret_cast<PyDictObject*>(dict)->ma_keys, 128);
       }
-    }
+    });
   }
 
-  void prefetch_entry(const Entry& entry) const {
+  // The TensorImpls entry_matches reads: the param's, its state tensors' and its scalars'.
+  void prefetch_tensors_of(const Entry& entry) const {
     host::prefetch_metadata(entry.param);
     for (size_t s = entry.states_begin; s < entry.states_end; ++s) host::prefetch_metadata(state_tensors_[s]);
     for (size_t s = entry.scalars_begin; s < entry.scalars_end; ++s) host::prefetch_metadata(scalar_tensors_[s]);

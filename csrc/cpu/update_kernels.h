@@ -195,6 +195,20 @@ C10_ALWAYS_INLINE void add_lanes_in_double(const Vectorized<T>& v, double* lanes
   }
 }
 
+// The same for the first `valid` lanes of a partial register (the rest are padding, not the tensor's values),
+// one lane at a time. Returns whether any of them is inf or NaN.
+template <bool kSquare, typename T>
+C10_ALWAYS_INLINE bool add_valid_lanes_in_double(const Vectorized<T>& v, int64_t valid, double* lanes) {
+  T values[Vectorized<T>::size()];
+  v.store(values);
+  bool nonfinite = false;
+  for (int64_t j = 0; j < valid; ++j) {
+    nonfinite = nonfinite || is_nonfinite(values[j]);
+    lanes[j] += kSquare ? double(values[j]) * double(values[j]) : double(values[j]);
+  }
+  return nonfinite;
+}
+
 // The sums pass over [begin, end), whatever fills the registers: load(i, count, full, p, g, s) loads kParts
 // fp32 registers of the param, the grad and each state buffer (the plain kernel from its storage dtype's
 // Lanes, the stored path by storage type), kWidth elements a step.
@@ -222,10 +236,8 @@ void accumulate_tensor_terms(const Rule& rule, typename Rule::opmath_t grad_fact
         if constexpr (decltype(full)::value) {
           add_lanes_in_double<false>(terms[k], lanes[k] + first);
         } else {
-          T values[kLanes];
-          terms[k].store(values);
           const int64_t valid = std::min<int64_t>(kLanes, count - part * kLanes);
-          for (int64_t j = 0; j < valid; ++j) lanes[k][first + j] += double(values[j]);
+          add_valid_lanes_in_double<false>(terms[k], valid, lanes[k] + first);
         }
       }
     }
@@ -281,14 +293,9 @@ void grad_stats_range(const TensorEntry& entry, int64_t begin, int64_t end, doub
       if constexpr (kFull) {
         check = check + (g[part] - g[part]);
         add_lanes_in_double<true>(g[part], lanes + first);
-      } else {  // the lanes past count are left out (the padding's values are not the tensor's)
-        T values[kLanes];
-        g[part].store(values);
+      } else {
         const int64_t valid = std::min<int64_t>(kLanes, count - part * kLanes);
-        for (int64_t j = 0; j < valid; ++j) {
-          nonfinite = nonfinite || is_nonfinite(values[j]);
-          lanes[first + j] += double(values[j]) * double(values[j]);
-        }
+        nonfinite = add_valid_lanes_in_double<true>(g[part], valid, lanes + first) || nonfinite;
       }
     }
   };
@@ -347,8 +354,6 @@ void register_masks(std::integer_sequence<uint32_t, kMasks...>) {
   (register_dtypes<A, kMasks>(), ...);
 }
 
-// Every kernel of algorithm A in this variant. csrc/cpu_dispatch.cpp calls it (through the registrar
-// csrc/algorithm_op.h adds) only on a CPU with this variant's instruction set.
 // The grad-statistics kernels depend on the storage dtype only: every algorithm's object registers the same.
 inline void register_grad_stats() {
   GradStatsKernels<float>::by_variant[kThisVariant] = &grad_stats_range<float>;
@@ -357,6 +362,8 @@ inline void register_grad_stats() {
   GradStatsKernels<c10::Half>::by_variant[kThisVariant] = &grad_stats_range<c10::Half>;
 }
 
+// Every kernel of algorithm A in this variant. csrc/cpu_dispatch.cpp calls it (through the registrar
+// csrc/algorithm_op.h adds) only on a CPU with this variant's instruction set.
 template <class A>
 void register_update_kernels() {
   register_masks<A>(std::make_integer_sequence<uint32_t, (1u << A::kOptions.size())>{});
