@@ -1,9 +1,11 @@
 // Which CPU kernel variant runs: the instruction sets this CPU has (cpuid), the kernels each algorithm registered
-// for each variant (csrc/algorithm_op.h), and the private ops tests and benchmarks use to pick one. Compiled for
-// the baseline CPU; only the kernels themselves are compiled per instruction set.
+// for each variant (csrc/algorithm_op.h), and the private ops tests and benchmarks use to pick one (and to pick
+// the stored path's general kernel over a fixed layout's). Compiled for the baseline CPU; only the kernels
+// themselves are compiled per instruction set.
 #include <ATen/Version.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <mutex>
 #include <string>
@@ -82,6 +84,17 @@ void add_kernel_registrar(Variant variant, KernelRegistrar registrar) { registra
 int active_variant() { return dispatch().active.load(std::memory_order_relaxed); }
 
 namespace {
+std::atomic<bool> fixed_layouts{true};
+std::array<std::atomic<int64_t>, kStoredSlots> stored_launches{};
+}  // namespace
+
+int stored_launch_slot(const StoragePolicy& policy) {
+  const int slot = fixed_layouts.load(std::memory_order_relaxed) ? stored_slot(policy) : 0;
+  stored_launches[slot].fetch_add(1, std::memory_order_relaxed);
+  return slot;
+}
+
+namespace {
 
 // ---- Private ops for tests and benchmarks: which kernel variants this CPU has, and which one runs. ----
 
@@ -116,6 +129,18 @@ void set_cpu_variant(const std::string& name) {
   TORCH_CHECK(false, "fusedopt: unknown CPU kernel variant '", name, "' (one of: default, avx2, avx512)");
 }
 
+// Runs every later stored-path launch with its fixed layout's kernel (true, the default) or the general one.
+// For tests: not synchronised with steps running on other threads.
+void set_fixed_layouts(bool enabled) { fixed_layouts = enabled; }
+
+// How many stored-path launches each kernel slot has run so far (cpu_kernels.h: 0 the general kernel, 1 + j the
+// kernel of kFixedLayouts[j]).
+std::vector<int64_t> stored_launch_counts() {
+  std::vector<int64_t> counts;
+  for (const auto& count : stored_launches) counts.push_back(count.load(std::memory_order_relaxed));
+  return counts;
+}
+
 }  // namespace
 }  // namespace fusedopt::cpu
 
@@ -125,6 +150,8 @@ TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
   m.def("_cpu_variants() -> str[]", &cpu::cpu_variants);
   m.def("_cpu_variant() -> str", &cpu::cpu_variant);
   m.def("_set_cpu_variant(str name) -> ()", &cpu::set_cpu_variant);
+  m.def("_set_fixed_layouts(bool enabled) -> ()", &cpu::set_fixed_layouts);
+  m.def("_stored_launches() -> int[]", &cpu::stored_launch_counts);
 }
 
 }  // namespace fusedopt

@@ -20,10 +20,19 @@
 namespace fusedopt::cpu {
 
 // The active variant's kernel from one of the kernel tables (cpu_kernels.h: UpdateKernels, TensorSumKernels,
-// StoredUpdateKernels, StoredSumKernels): every variant registers all of them, so a hole is a build error.
+// StoredSumKernels, GradStatsKernels): every variant registers all of them, so a hole is a build error.
 template <typename Kernels>
 auto active_kernel() {
   const auto fn = Kernels::by_variant[active_variant()];
+  TORCH_CHECK(fn != nullptr, "fusedopt: no CPU kernel of this variant for this update rule");
+  return fn;
+}
+
+// The active variant's stored-path kernel for a launch's storage policy: its fixed layout's (cpu_kernels.h), or the
+// general one.
+template <typename Rule>
+StoredUpdateFn<Rule> stored_kernel(const StoragePolicy& policy) {
+  const auto fn = StoredUpdateKernels<Rule>::by_variant[active_variant()][stored_launch_slot(policy)];
   TORCH_CHECK(fn != nullptr, "fusedopt: no CPU kernel of this variant for this update rule");
   return fn;
 }
@@ -192,7 +201,7 @@ struct CpuRunner {
       };
       if (stored_path<Rule>(header)) {
         if constexpr (std::is_same_v<typename Rule::opmath_t, float>) {
-          const StoredUpdateFn<Rule> update = active_kernel<StoredUpdateKernels<Rule>>();
+          const StoredUpdateFn<Rule> update = stored_kernel<Rule>(header.storage);
           for_each_chunk([&](const TensorEntry& entry, int64_t start, int64_t stop, int64_t, RuleCache<Rule>& rules) {
             const ElementStore store = element_store(header.storage, args.rng, &entry - table.tensors());
             update(entry, store, rules(entry, sums_of(entry)), grad_factor, start, stop);

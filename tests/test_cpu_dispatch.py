@@ -65,9 +65,9 @@ def run_with_variant(variant, entry, kwargs, dtype):
     return run(entry.fused_cls, problem, dtype, kwargs, entry.group_overrides, steps=STEPS)
 
 
-def assert_identical_runs(opt, params, ref_opt, ref_params, variant):
+def assert_identical_runs(opt, params, ref_opt, ref_params, variant, reference="the default variant"):
     for i, (p, q) in enumerate(zip(params, ref_params)):
-        assert torch.equal(bits(p), bits(q)), f"{variant}: param {i} differs from the default variant"
+        assert torch.equal(bits(p), bits(q)), f"{variant}: param {i} differs from {reference}"
         state, ref_state = opt.state.get(p, {}), ref_opt.state.get(q, {})
         assert set(state) == set(ref_state), f"{variant}: param {i}: state keys differ"
         for key, value in ref_state.items():
@@ -168,6 +168,47 @@ STORED_MODES = {
 def test_stored_path_variants_match_default_bit_for_bit(entry, opt_id, mode, restore_variant):
     options, dtype = STORED_MODES[mode]
     assert_variants_match_default(entry, {**entry.option_sets[opt_id], **options}, dtype)
+
+
+# The stored path's fixed-layout kernels (csrc/cpu_kernels.h: kFixedLayouts, the bf16 modes a user names) against
+# its general kernel, which reads the same layout from the table: the same bits, in every variant. Per mode: its
+# options and the kernel slot that serves it (1 + its index in kFixedLayouts; 0 is the general kernel).
+FIXED_LAYOUTS = {
+    "stochastic-bf16": ({"param_rounding": "stochastic", "seed": 5}, 1),
+    "kahan-bf16": ({"param_rounding": "kahan"}, 2),
+    "master-bf16": ({"master_weights": True}, 3),
+    "master-stochastic-bf16": ({"master_weights": True, "param_rounding": "stochastic", "seed": 5}, 4),
+    "fp32-state-bf16": ({"state_dtype": torch.float32}, 5),
+}
+
+
+@pytest.fixture
+def restore_layouts():
+    yield
+    ops()._set_fixed_layouts(True)
+
+
+def run_stored(variant, fixed, entry, kwargs):
+    """run_with_variant on bf16 params with the fixed-layout kernels on or off, and the stored-path launches each
+    kernel slot ran meanwhile."""
+    ops()._set_fixed_layouts(fixed)
+    before = ops()._stored_launches()
+    opt, params = run_with_variant(variant, entry, kwargs, torch.bfloat16)
+    return opt, params, [after - b for after, b in zip(ops()._stored_launches(), before)]
+
+
+@pytest.mark.parametrize("mode", list(FIXED_LAYOUTS))
+@pytest.mark.parametrize("entry, opt_id", option_params(representative_only=True))
+def test_fixed_layout_kernels_match_the_general_kernel(entry, opt_id, mode, restore_variant, restore_layouts):
+    options, slot = FIXED_LAYOUTS[mode]
+    kwargs = {**entry.option_sets[opt_id], **options}
+    for variant in available():
+        ref_opt, ref_params, general = run_stored(variant, False, entry, kwargs)
+        opt, params, fixed = run_stored(variant, True, entry, kwargs)
+        assert general[0] > 0 and sum(general) == general[0], f"{variant}: general kernel launches {general}"
+        assert fixed[slot] == general[0] and sum(fixed) == fixed[slot], (
+            f"{variant}: expected every launch in slot {slot}, got {fixed}")
+        assert_identical_runs(opt, params, ref_opt, ref_params, f"{variant}, fixed layout {mode}", "the general kernel")
 
 
 def _edge_problem(dtype):

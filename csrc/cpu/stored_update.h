@@ -1,9 +1,11 @@
 // The CPU kernels of the stored path (csrc/storage.h): params or states in another dtype than the rule's math,
 // rounded stochastically, Kahan-compensated, or updated through an fp32 master copy. The update walks its range
 // one bf16 register's worth (two fp32 registers) at a time, as the plain kernel walks bf16: every buffer is
-// loaded and converted in registers by its storage type (a table field: one well-predicted branch per
-// register), the rule runs on fp32 registers, and each buffer is stored back with its rounding. So a mode moves
-// only its own extra bytes: the master copy or the compensation buffer, or other state bytes.
+// loaded and converted in registers by its storage type, the rule runs on fp32 registers, and each buffer is
+// stored back with its rounding. So a mode moves only its own extra bytes: the master copy or the compensation
+// buffer, or other state bytes. The storage types are a table field in the general kernel (StoragePolicy: a
+// branch per register) and constants in the kernels of the layouts users name (FixedPolicy, cpu_kernels.h's
+// kFixedLayouts), where those branches fold away.
 // The per-tensor sums of LAMB's stored path load the same registers and add the rule's tensor terms
 // (accumulate_tensor_terms, shared with the plain kernel).
 //
@@ -151,20 +153,46 @@ C10_ALWAYS_INLINE IntLanes::R random_lanes(const RandomKey& key, int64_t index) 
 }
 #endif
 
+// ---- The random words of stochastic bf16 rounding ----
+
+// One step's random bits for the bf16 elements [first, first + kStepWidth) of one buffer, as 16-bit words
+// zero-extended in integer lanes: storage.h's random_bits16(key, element) for each. One hash per two elements:
+// the draws of pairs first / 2 + lane, whose 16-bit words are the elements' random bits in order.
+struct Words {
+#if defined(FUSEDOPT_INT_LANES)
+  IntLanes::R part[kParts];
+#endif
+};
+
+// Whether a step starting at element `first` draws its words in integer lanes: an even first element (pairs line
+// up with the words) and pairs below 2^32 (past that the draws mix in the index's high word). Otherwise its
+// stochastic bf16 stores draw per element (the scalar path).
+C10_ALWAYS_INLINE bool lane_draws_at(int64_t first) {
+#if defined(FUSEDOPT_INT_LANES)
+  return (first & 1) == 0 && (((first >> 1) + kLanes) >> 32) == 0;
+#else
+  static_cast<void>(first);
+  return false;  // the baseline variant has no integer lanes
+#endif
+}
+
+// The words of `key`'s stream for the step at `first` (lane_draws_at(first) must hold).
+C10_ALWAYS_INLINE void draw_words(const RandomKey& key, int64_t first, Words& out) {
+#if defined(FUSEDOPT_INT_LANES)
+  IntLanes::widen_words(random_lanes(key, first >> 1), out.part);
+#endif
+}
+
 // Stores one step's registers as bf16 elements [first, first + count), rounded stochastically with `key`'s stream:
-// storage.h's stochastic_bfloat16(value, random_bits16(key, element)). One hash per two elements: the draws of
-// pairs first / 2 + lane, whose 16-bit words are the elements' random bits in order.
+// storage.h's stochastic_bfloat16(value, random_bits16(key, element)), with the step's words when it drew them
+// (`words`, see stored_update_body), else element by element.
 template <bool kFull>
 C10_ALWAYS_INLINE void store_stochastic_bfloat16(c10::BFloat16* to, int64_t count, const Regs& in,
-                                                 const RandomKey& key, int64_t first) {
+                                                 const RandomKey& key, int64_t first, const Words* words) {
 #if defined(FUSEDOPT_INT_LANES)
-  using V = IntLanes;
-  const int64_t pair = first >> 1;
-  if ((first & 1) == 0 && ((pair + kLanes) >> 32) == 0) {
-    V::R random[kParts];
-    V::widen_words(random_lanes(key, pair), random);
+  if (words != nullptr) {
     RoundedBits rounded;
-    for (int part = 0; part < kParts; ++part) rounded[part] = V::add_or_quiet_nan(in[part], random[part]);
+    for (int part = 0; part < kParts; ++part) rounded[part] = IntLanes::add_or_quiet_nan(in[part], words->part[part]);
     store_rounded_bits<kFull>(to, count, rounded);
     return;
   }
@@ -217,20 +245,27 @@ C10_ALWAYS_INLINE void store_stochastic_half(c10::Half* to, int64_t count, const
   for (int64_t j = 0; j < count; ++j) to[j] = stochastic_half(lanes[j], random_bits(key, first + j));
 }
 
-// Stores fp32 registers as elements [i, i + count) of a buffer of storage `type`: to nearest, or stochastically
-// with the buffer's stream.
+// How a store rounds: to nearest (no key), or stochastically with *key's stream, a bf16 buffer with the step's
+// words when it drew them (`words`).
+struct StoreRounding {
+  const RandomKey* key = nullptr;
+  const Words* words = nullptr;
+};
+
+// Stores fp32 registers as elements [i, i + count) of a buffer of storage `type`, rounded as `rounding` says.
 template <bool kFull>
-C10_ALWAYS_INLINE void store_regs(void* base, int32_t type, int64_t i, int64_t count, const Regs& in, bool stochastic,
-                       const RandomKey& key) {
+C10_ALWAYS_INLINE void store_regs(void* base, int32_t type, int64_t i, int64_t count, const Regs& in,
+                                  const StoreRounding& rounding = {}) {
   if (type == kStoredBFloat16) {
-    if (stochastic) {
-      store_stochastic_bfloat16<kFull>(static_cast<c10::BFloat16*>(base) + i, count, in, key, i);
+    if (rounding.key != nullptr) {
+      store_stochastic_bfloat16<kFull>(static_cast<c10::BFloat16*>(base) + i, count, in, *rounding.key, i,
+                                       rounding.words);
     } else {
       Lanes<c10::BFloat16>::template store<kFull>(static_cast<c10::BFloat16*>(base) + i, count, in);
     }
   } else if (type == kStoredHalf) {
-    if (stochastic) {
-      store_stochastic_half<kFull>(static_cast<c10::Half*>(base) + i, count, in, key, i);
+    if (rounding.key != nullptr) {
+      store_stochastic_half<kFull>(static_cast<c10::Half*>(base) + i, count, in, *rounding.key, i);
     } else {
       Lanes<c10::Half>::template store<kFull>(static_cast<c10::Half*>(base) + i, count, in);
     }
@@ -248,8 +283,8 @@ C10_ALWAYS_INLINE void store_regs(void* base, int32_t type, int64_t i, int64_t c
 }
 
 // The value the rule updates: the master copy, or the param (plus its compensation).
-template <bool kFull>
-C10_ALWAYS_INLINE void load_param_regs(const TensorEntry& e, const StoragePolicy& policy, int64_t i, int64_t count,
+template <bool kFull, typename Policy>
+C10_ALWAYS_INLINE void load_param_regs(const TensorEntry& e, const Policy& policy, int64_t i, int64_t count,
                                        Regs& out) {
   if (policy.has_master) {
     load_regs<kFull>(e.extra, kStoredFloat, i, count, out);
@@ -266,8 +301,8 @@ C10_ALWAYS_INLINE void load_param_regs(const TensorEntry& e, const StoragePolicy
 // Kahan's param: the value rounded to nearest, stored, and as fp32 registers in `stored`. For bf16 c10's
 // round-to-nearest-even in integer lanes (bias 0x7fff plus the kept part's lowest bit), stored by truncation;
 // otherwise converted on the store and read back.
-template <bool kFull>
-C10_ALWAYS_INLINE void store_nearest_param(const TensorEntry& e, const StoragePolicy& policy, int64_t i, int64_t count,
+template <bool kFull, typename Policy>
+C10_ALWAYS_INLINE void store_nearest_param(const TensorEntry& e, const Policy& policy, int64_t i, int64_t count,
                                            const Regs& value, Regs& stored) {
 #if defined(FUSEDOPT_INT_LANES)
   if (policy.param_type == kStoredBFloat16) {
@@ -282,31 +317,30 @@ C10_ALWAYS_INLINE void store_nearest_param(const TensorEntry& e, const StoragePo
     return;
   }
 #endif
-  store_regs<kFull>(e.param, policy.param_type, i, count, value, false, RandomKey{});
+  store_regs<kFull>(e.param, policy.param_type, i, count, value);
   load_regs<kFull>(e.param, policy.param_type, i, count, stored);
 }
 
-// storage.h's store_param on registers: the master copy and the param's rounding of it; the nearest param and
-// the rest as compensation (value - stored is exact: the two are within a factor of two); or the param rounded.
-template <bool kFull>
-C10_ALWAYS_INLINE void store_param_regs(const TensorEntry& e, const ElementStore& store, int64_t i, int64_t count,
-                             const Regs& value) {
-  const StoragePolicy& policy = store.policy;
-  const bool stochastic = policy.rounding == kStochastic;
-  if (policy.has_master) store_regs<kFull>(e.extra, kStoredFloat, i, count, value, false, store.param_key);
+// storage.h's store_param on registers: the master copy and the param's rounding of it (`rounding`); the nearest
+// param and the rest as compensation (value - stored is exact: the two are within a factor of two); or the param
+// rounded.
+template <bool kFull, typename Policy>
+C10_ALWAYS_INLINE void store_param_regs(const TensorEntry& e, const Policy& policy, const StoreRounding& rounding,
+                                        int64_t i, int64_t count, const Regs& value) {
+  if (policy.has_master) store_regs<kFull>(e.extra, kStoredFloat, i, count, value);
   if (policy.has_kahan) {
     Regs stored;
     store_nearest_param<kFull>(e, policy, i, count, value, stored);
     for (int part = 0; part < kParts; ++part) stored[part] = value[part] - stored[part];
-    store_regs<kFull>(e.extra, policy.param_type, i, count, stored, false, store.param_key);
+    store_regs<kFull>(e.extra, policy.param_type, i, count, stored);
     return;
   }
-  store_regs<kFull>(e.param, policy.param_type, i, count, value, stochastic, store.param_key);
+  store_regs<kFull>(e.param, policy.param_type, i, count, value, rounding);
 }
 
 // Everything one step reads: the value the rule updates, the grad and each state buffer, as fp32 registers.
-template <bool kFull, int kStates>
-C10_ALWAYS_INLINE void load_step(const TensorEntry& entry, const StoragePolicy& policy, int64_t i, int64_t count,
+template <bool kFull, int kStates, typename Policy>
+C10_ALWAYS_INLINE void load_step(const TensorEntry& entry, const Policy& policy, int64_t i, int64_t count,
                                  Regs& p, Regs& g, Regs (&s)[kStates > 0 ? kStates : 1]) {
   load_param_regs<kFull>(entry, policy, i, count, p);
   load_regs<kFull>(entry.grad, policy.param_type, i, count, g);
@@ -314,12 +348,30 @@ C10_ALWAYS_INLINE void load_step(const TensorEntry& entry, const StoragePolicy& 
 }
 
 // One step of the update: kStepWidth elements (count of them valid), loaded, updated and stored in registers.
-template <bool kFull, typename Rule>
-C10_ALWAYS_INLINE void stored_update_step(const TensorEntry& entry, const ElementStore& store, const Rule& rule,
-                                          const Vectorized<float>& factor, int64_t i, int64_t count) {
+// kLaneDraws: the step draws its stochastic bf16 words in integer lanes (lane_draws_at), before its loads and
+// math: they depend on the index and the keys alone, and drawn at the stores they came after the rule's divide
+// and square-root chains, which left the out-of-order window no room to overlap them (bf16 AdamW, one thread of a
+// 2-core Intel Xeon: 1.47x round-to-nearest's step time, 1.30x so). A template flag, not a per-store test, so a
+// fixed layout's kernel (FixedPolicy) has no branch on it between the draws and the stores.
+template <bool kFull, bool kLaneDraws, typename Policy, typename Rule>
+C10_ALWAYS_INLINE void stored_update_body(const TensorEntry& entry, const Policy& policy, const ElementStore& store,
+                                          const Rule& rule, const Vectorized<float>& factor, int64_t i,
+                                          int64_t count) {
   constexpr int kStates = Rule::kNumStates;
-  const StoragePolicy& policy = store.policy;
-  const bool stochastic_states = policy.rounding == kStochastic;
+  StoreRounding param_rounding, state_rounding[kStates > 0 ? kStates : 1];
+  Words words[1 + kStates];
+  if (policy.rounding == kStochastic) {
+    if (!policy.has_kahan) {
+      const bool drawn = kLaneDraws && policy.param_type == kStoredBFloat16;
+      if (drawn) draw_words(store.param_key, i, words[0]);
+      param_rounding = {&store.param_key, drawn ? &words[0] : nullptr};
+    }
+    const bool drawn = kLaneDraws && policy.state_type == kStoredBFloat16;
+    for (int k = 0; k < kStates; ++k) {
+      if (drawn) draw_words(store.state_keys[k], i, words[1 + k]);
+      state_rounding[k] = {&store.state_keys[k], drawn ? &words[1 + k] : nullptr};
+    }
+  }
   Regs p, g, s[kStates > 0 ? kStates : 1];
   load_step<kFull, kStates>(entry, policy, i, count, p, g, s);
   for (int part = 0; part < kParts; ++part) {
@@ -328,9 +380,20 @@ C10_ALWAYS_INLINE void stored_update_step(const TensorEntry& entry, const Elemen
     rule(p[part], g[part] * factor, st);
     for (int k = 0; k < kStates; ++k) s[k][part] = st[k];
   }
-  store_param_regs<kFull>(entry, store, i, count, p);
+  store_param_regs<kFull>(entry, policy, param_rounding, i, count, p);
   for (int k = 0; k < kStates; ++k) {
-    store_regs<kFull>(entry.state[k], policy.state_type, i, count, s[k], stochastic_states, store.state_keys[k]);
+    store_regs<kFull>(entry.state[k], policy.state_type, i, count, s[k], state_rounding[k]);
+  }
+}
+
+template <bool kFull, typename Policy, typename Rule>
+C10_ALWAYS_INLINE void stored_update_step(const TensorEntry& entry, const Policy& policy, const ElementStore& store,
+                                          const Rule& rule, const Vectorized<float>& factor, int64_t i,
+                                          int64_t count) {
+  if (policy.rounding == kStochastic && lane_draws_at(i)) {
+    stored_update_body<kFull, true>(entry, policy, store, rule, factor, i, count);
+  } else {
+    stored_update_body<kFull, false>(entry, policy, store, rule, factor, i, count);
   }
 }
 
@@ -343,27 +406,42 @@ C10_ALWAYS_INLINE void prefetch_buffer(const void* base, int32_t type, int64_t i
   if (bytes * kStepWidth > 64) prefetch_ahead(base, i * bytes + 64, written);
 }
 
-C10_ALWAYS_INLINE void prefetch_step(const TensorEntry& entry, const StoragePolicy& policy, int k_states, int64_t i) {
+template <typename Policy>
+C10_ALWAYS_INLINE void prefetch_step(const TensorEntry& entry, const Policy& policy, int k_states, int64_t i) {
   prefetch_buffer(entry.param, policy.param_type, i, true);
   prefetch_buffer(entry.grad, policy.param_type, i, false);
-  if (entry.extra != nullptr) {
+  if (policy.has_master || policy.has_kahan) {  // the buffers TensorEntry::extra holds
     prefetch_buffer(entry.extra, policy.has_master ? kStoredFloat : policy.param_type, i, true);
   }
   for (int k = 0; k < k_states; ++k) prefetch_buffer(entry.state[k], policy.state_type, i, true);
 }
 
-template <typename Rule>
+// A storage layout fixed at compile time (cpu_kernels.h's kFixedLayouts[kLayout]): the same fields as
+// StoragePolicy, read the same way by the functions above, but constants, so each branch on them folds away.
+template <int kLayout>
+struct FixedPolicy {
+  static constexpr StoredLayout kFixed = kFixedLayouts[kLayout];
+  static constexpr int32_t rounding = kFixed.rounding, param_type = kFixed.param_type,
+                           state_type = kFixed.state_type, has_master = kFixed.has_master,
+                           has_kahan = kFixed.has_kahan;
+};
+
+// The update of elements [begin, end) of one tensor, its storage read from `store` (Policy = StoragePolicy: the
+// general kernel) or fixed (Policy = FixedPolicy<j>, for a launch whose policy is that layout).
+template <typename Rule, typename Policy>
 void stored_update_range(const TensorEntry& entry, const ElementStore& store, const Rule& rule, float grad_factor,
                          int64_t begin, int64_t end) {
   static_assert(std::is_same_v<typename Rule::opmath_t, float>, "the stored path computes in fp32");
   const Vectorized<float> factor(grad_factor);
   const ElementStore local = store;  // a local copy the loop can keep in registers (no aliasing with the stores)
+  Policy policy{};
+  if constexpr (std::is_same_v<Policy, StoragePolicy>) policy = local.policy;
   int64_t i = begin;
   for (; i + kStepWidth <= end; i += kStepWidth) {
-    prefetch_step(entry, local.policy, Rule::kNumStates, i);
-    stored_update_step<true>(entry, local, rule, factor, i, kStepWidth);
+    prefetch_step(entry, policy, Rule::kNumStates, i);
+    stored_update_step<true>(entry, policy, local, rule, factor, i, kStepWidth);
   }
-  if (i < end) stored_update_step<false>(entry, local, rule, factor, i, end - i);
+  if (i < end) stored_update_step<false>(entry, policy, local, rule, factor, i, end - i);
 }
 
 // The per-tensor sums (LAMB): the same loads, nothing stored.

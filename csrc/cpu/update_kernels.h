@@ -330,10 +330,17 @@ void register_one() {
   }
 }
 
-// The stored path's kernels: one per fp32 rule, whatever the storage dtypes.
+// The stored path's kernels: per fp32 rule, the general one (whatever the storage dtypes) and one per fixed layout.
+template <typename Rule, int... kLayouts>
+void register_stored_layouts(std::integer_sequence<int, kLayouts...>) {
+  StoredUpdateFn<Rule>* slots = StoredUpdateKernels<Rule>::by_variant[kThisVariant];
+  slots[0] = &stored_update_range<Rule, StoragePolicy>;
+  ((slots[1 + kLayouts] = &stored_update_range<Rule, FixedPolicy<kLayouts>>), ...);
+}
+
 template <typename Rule>
 void register_stored() {
-  StoredUpdateKernels<Rule>::by_variant[kThisVariant] = &stored_update_range<Rule>;
+  register_stored_layouts<Rule>(std::make_integer_sequence<int, kStoredSlots - 1>{});
   if constexpr (Declared<typename Rule::Algorithm>::num_tensor_sums() > 0) {
     StoredSumKernels<Rule>::by_variant[kThisVariant] = &stored_tensor_sums_range<Rule>;
   }
