@@ -15,7 +15,8 @@ outside `optimizer.state`. Rows: torch's fused AdamW on fp32 and on bf16 params,
 and state_dtype, and the peers where they import here: torchao's `_AdamW(bf16_stochastic_round=True)` and
 optimi's `AdamW(kahan_sum=True)` ("not installed" otherwise).
 
-step: FusedAdamW and FusedSGD(momentum=0.9) over --tensors tensors of 2**--numel-log2 bf16 elements (10 x 2**20
+step: FusedAdamW and FusedSGD(momentum=0.9) over --tensors tensors of 2**--numel-log2 bf16 (--step-dtype fp16:
+fp16, whose bytes are the same) elements (10 x 2**20
 by default), one optimizer per mode (nearest, stochastic, kahan, master_weights, master_weights + stochastic,
 state_dtype=float32), each on its own copy of the same params and sharing the same grads (set once), with torch's
 fused and foreach implementations of the same algorithm on bf16 params as peers, and an in-place bf16
@@ -273,23 +274,29 @@ class StepCase:
     extra: dict = field(default_factory=dict)
 
 
-def step_cases(name: str, device) -> list[StepCase]:
+# --step-dtype: the low-precision param dtypes the step part times (both 2 bytes, so one byte model serves them).
+STEP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def step_cases(name: str, device, dtype) -> list[StepCase]:
     spec = OPTIMIZERS[name]
     cases = [StepCase(name, f"fusedopt {mode}", "fusedopt", mode, step_bytes_per_elem(spec, mode)) for mode in MODES]
     for impl in PEER_IMPLS:
         cases.append(StepCase(name, f"torch {impl}", impl, None, step_bytes_per_elem(spec, None),
-                              skipped=probe(spec, impl, device, torch.bfloat16)))
+                              skipped=probe(spec, impl, device, dtype)))
     return cases
 
 
-def bench_optimizer(name: str, device, n_tensors: int, numel: int, reps: int, warmup: int, seed: int):
-    """Time every mode of one optimizer and its torch peers, round-robin with the add_ reference."""
+def bench_optimizer(name: str, device, n_tensors: int, numel: int, reps: int, warmup: int, seed: int,
+                    dtype_name: str = "bf16"):
+    """Time every mode of one optimizer and its torch peers on `dtype_name` params (STEP_DTYPES), round-robin
+    with the add_ reference."""
     spec = OPTIMIZERS[name]
+    dtype = STEP_DTYPES[dtype_name]
     gen = torch.Generator(device=device).manual_seed(seed)
-    base = [torch.randn(numel, device=device, dtype=torch.bfloat16, generator=gen).mul_(0.02) for _ in range(n_tensors)]
-    grads = [torch.randn(numel, device=device, dtype=torch.bfloat16, generator=gen).mul_(1e-3)
-             for _ in range(n_tensors)]
-    cases = step_cases(name, device)
+    base = [torch.randn(numel, device=device, dtype=dtype, generator=gen).mul_(0.02) for _ in range(n_tensors)]
+    grads = [torch.randn(numel, device=device, dtype=dtype, generator=gen).mul_(1e-3) for _ in range(n_tensors)]
+    cases = step_cases(name, device, dtype)
     fns, params_of = {}, {}
     for case in cases:
         if case.skipped:
@@ -307,8 +314,8 @@ def bench_optimizer(name: str, device, n_tensors: int, numel: int, reps: int, wa
             continue
         fns[case.label], params_of[case.label] = opt.step, params
     total = n_tensors * numel
-    a = torch.randn(total, device=device, dtype=torch.bfloat16, generator=gen)
-    b = torch.randn(total, device=device, dtype=torch.bfloat16, generator=gen).mul_(1e-6)
+    a = torch.randn(total, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(total, device=device, dtype=dtype, generator=gen).mul_(1e-6)
     try:
         samples = time_round_robin({**fns, "add_": functools.partial(a.add_, b)}, reps, warmup, device)
     except Exception as exc:  # noqa: BLE001 - one mode failing must not hide the others: time them one by one
@@ -327,7 +334,7 @@ def bench_optimizer(name: str, device, n_tensors: int, numel: int, reps: int, wa
     nearest_median = statistics.median(nearest) if nearest else None
     nearest_bytes = step_bytes_per_elem(spec, "nearest")
     for case in cases:
-        rec = dict(optimizer=name, label=case.label, impl=case.impl, mode=case.mode, numel=total,
+        rec = dict(optimizer=name, label=case.label, impl=case.impl, mode=case.mode, dtype=dtype_name, numel=total,
                    n_tensors=n_tensors, bytes_per_elem=case.bytes_per_elem, add_median_s=add_s, add_gbps=add_gbps)
         if case.skipped or case.label not in samples:
             records.append({**rec, "skipped": case.skipped or "not timed"})
@@ -338,7 +345,8 @@ def bench_optimizer(name: str, device, n_tensors: int, numel: int, reps: int, wa
         gbps = case.bytes_per_elem * total / median / 1e9
         rec.update(median_s=median, samples_s=s, spread=(q[2] - q[0]) / median, gbps=gbps,
                    pct_of_add=100 * gbps / add_gbps,
-                   params_finite=all(bool(torch.isfinite(p).all()) for p in params_of[case.label]))
+                   params_finite=all(bool(torch.isfinite(p).all()) for p in params_of[case.label]),
+                   param_dtype=str(params_of[case.label][0].dtype))
         if nearest_median is not None:
             rec["time_vs_nearest"] = median / nearest_median
             rec["bytes_vs_nearest"] = case.bytes_per_elem / nearest_bytes
@@ -357,9 +365,10 @@ def judge(records, tolerance: float) -> None:
 
 def step_table(records, device, meta, reps, warmup, tolerance) -> str:
     first = next(r for r in records)
+    dtype = first["dtype"]
     head = (f"{'optimizer':<13} {'implementation / mode':<28} {'B/elem':>6} {'median ms':>9} {'IQR':>5} "
             f"{'GB/s':>6} {'% add_':>6} {'time/nearest':>12} {'bytes/nearest':>13}  claim")
-    lines = [f"Step time, bf16 params: {first['n_tensors']} tensors x {first['numel'] // first['n_tensors']:,} "
+    lines = [f"Step time, {dtype} params: {first['n_tensors']} tensors x {first['numel'] // first['n_tensors']:,} "
              f"elements on {meta['device_name']} ({device}; CPU ISA {meta['cpu_isa']}, {meta['cpu_cores']} cores, "
              f"torch threads {meta['torch_threads']}); median of {reps} round-robin steps after {warmup} warm-up",
              head, "-" * len(head)]
@@ -367,7 +376,7 @@ def step_table(records, device, meta, reps, warmup, tolerance) -> str:
     for r in records:
         lead = f"{r['optimizer']:<13}" if r["optimizer"] != previous else " " * 13
         if previous and r["optimizer"] != previous:
-            lines.append(f"{'':<13} {'add_ (bf16, reference)':<28} {ADD_BYTES_PER_ELEM:>6} "
+            lines.append(f"{'':<13} {f'add_ ({dtype}, reference)':<28} {ADD_BYTES_PER_ELEM:>6} "
                          f"{1e3 * prev_add:>9.3f} {'':>5} {prev_add_gbps:>6.1f} {'100%':>6}")
             lines.append("")
         previous, prev_add, prev_add_gbps = r["optimizer"], r["add_median_s"], r["add_gbps"]
@@ -382,11 +391,11 @@ def step_table(records, device, meta, reps, warmup, tolerance) -> str:
         flag = "" if r["params_finite"] else "  NON-FINITE PARAMS"
         lines.append(f"{lead} {r['label']:<28} {r['bytes_per_elem']:>6} {1e3 * r['median_s']:>9.3f} "
                      f"{100 * r['spread']:>4.0f}% {r['gbps']:>6.1f} {r['pct_of_add']:>5.0f}% {ratio}  {verdict}{flag}")
-    lines.append(f"{'':<13} {'add_ (bf16, reference)':<28} {ADD_BYTES_PER_ELEM:>6} {1e3 * prev_add:>9.3f} "
+    lines.append(f"{'':<13} {f'add_ ({dtype}, reference)':<28} {ADD_BYTES_PER_ELEM:>6} {1e3 * prev_add:>9.3f} "
                  f"{'':>5} {prev_add_gbps:>6.1f} {'100%':>6}")
     lines.append(f"B/elem: minimum bytes one step moves per element (byte model in the docstring); IQR: interquartile "
                  f"range / median; claim: time/nearest <= bytes/nearest x {1 + tolerance:.2f} (ok) or not (OVER).")
-    lines.append("torch rows: torch.optim on the same bf16 params (state in bf16, nearest's bytes); "
+    lines.append(f"torch rows: torch.optim on the same {dtype} params (state in {dtype}, nearest's bytes); "
                  "– = no such implementation here.")
     return "\n".join(lines)
 
@@ -431,7 +440,7 @@ def plot(memory, steps, path: Path, title: str):
         ax.invert_yaxis()
         ax.set_xlabel("median step time (ms); black mark: nearest's x bytes / nearest's", fontsize=8)
         ax.set_xlim(0, max(1e3 * r["median_s"] for r in rows) * 1.35)
-        ax.set_title(f"{name}, bf16 params: step time and byte budget", fontsize=9)
+        ax.set_title(f"{name}, {steps[0]['dtype']} params: step time and byte budget", fontsize=9)
     common.save_figure(fig, title, path)
 
 
@@ -444,6 +453,8 @@ def parse_args(argv=None):
                     help="torch devices, one result set each (default: cpu, plus cuda when available)")
     ap.add_argument("--optimizers", nargs="+", default=STEP_OPTIMIZERS, choices=STEP_OPTIMIZERS, metavar="NAME",
                     help="step: optimizers timed, any of: %(choices)s (default: all)")
+    ap.add_argument("--step-dtype", default="bf16", choices=list(STEP_DTYPES),
+                    help="step: the params' dtype, one of: %(choices)s (default: %(default)s)")
     ap.add_argument("--tensors", type=int, default=10, help="step: number of param tensors (default: %(default)s)")
     ap.add_argument("--numel-log2", type=int, default=20,
                     help="step: log2 of the elements per tensor (default: %(default)s, i.e. 1,048,576)")
@@ -489,7 +500,8 @@ def run_device(device, args) -> dict:
     if "step" in args.parts:
         for name in args.optimizers:
             bar.set_postfix_str(f"step: {name}")
-            steps += bench_optimizer(name, device, args.tensors, 1 << args.numel_log2, reps, warmup, args.seed)
+            steps += bench_optimizer(name, device, args.tensors, 1 << args.numel_log2, reps, warmup, args.seed,
+                                     args.step_dtype)
             gc.collect()
             if on_gpu:
                 torch.cuda.empty_cache()

@@ -11,7 +11,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 import fusedopt  # noqa: E402
-from benchmarks import bench_step, seed_experiments, train_loop  # noqa: E402
+from benchmarks import bench_low_precision, bench_step, seed_experiments, train_loop  # noqa: E402
 from benchmarks.common import OPTIMIZERS, make_optimizer  # noqa: E402
 
 needs_extension = pytest.mark.skipif(not fusedopt.EXTENSION_AVAILABLE, reason="fusedopt extension not built")
@@ -71,8 +71,27 @@ def test_bench_step_host_workload_and_dash_for_missing_torch_impls(tmp_path, cap
     assert next(tmp_path.glob("bench_step_cpu*.png")).stat().st_size > 0
 
 
-@pytest.mark.parametrize("module, argv", [(bench_step, []), (train_loop, []), (seed_experiments, ["optimizers"])],
-                         ids=["bench_step", "train_loop", "seed_experiments"])
+@needs_extension
+@pytest.mark.parametrize("dtype", list(bench_low_precision.STEP_DTYPES))
+def test_bench_low_precision_times_every_mode_on_the_dtype_asked(dtype, tmp_path, capsys):
+    (record,) = bench_low_precision.main(["--parts", "step", "--devices", "cpu", "--step-dtype", dtype,
+                                          "--optimizers", "sgd_momentum", "--tensors", "2", "--numel-log2", "10",
+                                          "--reps", "2", "--warmup", "0", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = [r for r in record["step"] if r["impl"] == "fusedopt"]
+    assert {r["mode"] for r in rows} == set(bench_low_precision.MODES)
+    expected = str(bench_low_precision.STEP_DTYPES[dtype])
+    for r in rows:
+        assert r["dtype"] == dtype and r["param_dtype"] == expected and r["params_finite"] and r["median_s"] > 0
+        assert r["mode"] == "nearest" or r["verdict"] in ("ok", "OVER")
+    assert f"Step time, {dtype} params" in out and f"add_ ({dtype}, reference)" in out
+    saved = json.loads(next(tmp_path.glob("bench_low_precision_cpu*.json")).read_text())
+    assert saved["args"]["step_dtype"] == dtype and saved["step"] == json.loads(json.dumps(record["step"]))
+
+
+@pytest.mark.parametrize("module, argv", [(bench_step, []), (train_loop, []), (seed_experiments, ["optimizers"]),
+                                          (bench_low_precision, [])],
+                         ids=["bench_step", "train_loop", "seed_experiments", "bench_low_precision"])
 def test_every_option_states_its_default(module, argv, monkeypatch):
     parser = {}
     real_parse = __import__("argparse").ArgumentParser.parse_args

@@ -203,11 +203,15 @@ C10_ALWAYS_INLINE void store_stochastic_bfloat16(c10::BFloat16* to, int64_t coun
 }
 
 #if defined(FUSEDOPT_INT_LANES)
-// storage.h's stochastic_half(v, random) on every lane, with the same fp32 operations, so the same bits: the two
-// fp16 neighbours (rounded toward zero, and one step away from it: the pair its nearest rounding and half_step
-// pick), up with probability (v - low) / (high - low) against 24 random bits. An fp16 value picks itself (up is
-// 0, or 1 below zero); past fp16's range the nearest value is inf, which storage.h returns; NaN becomes c10's
-// quiet NaN. The result is an fp16 value, so the store's nearest conversion keeps it.
+// storage.h's stochastic_half(v, random) on every lane, with the same choices, so the same bits: the two fp16
+// neighbours (rounded toward zero, and one step away from it: the pair its nearest rounding and half_step pick),
+// up when 24 random bits as a fraction of one, `uniform`, fall below (v - low) / (high - low). That quotient is
+// exact: high - low is one fp16 step, a power of two, and v - low is exact (the two are within a factor of two,
+// or low is 0). So uniform < quotient is uniform * |high - low| < |v - low|, both products exact, without the
+// division that made this the kernel's bottleneck (a divide per register; magnitudes, as -0.0's neighbours
+// differ by a negative step). An fp16 value picks itself (up is 0, or 1 below zero); past fp16's range the
+// nearest value is inf, which storage.h returns; NaN becomes c10's quiet NaN. The result is an fp16 value, so
+// the store's nearest conversion keeps it.
 C10_ALWAYS_INLINE Vectorized<float> stochastic_half_lanes(const Vectorized<float>& v, IntLanes::R random) {
   using F = Vectorized<float>;
   F away;
@@ -215,10 +219,9 @@ C10_ALWAYS_INLINE Vectorized<float> stochastic_half_lanes(const Vectorized<float
   const F negative = v < F(0.0f);
   const F low = F::blendv(toward, away, negative);
   const F high = F::blendv(away, toward, negative);
-  const F up = (v - low) / (high - low);
   const F uniform = IntLanes::to_float(IntLanes::shift_right<8>(random)) * F(1.0f / 16777216.0f);
   const F sign = v & F(-0.0f);
-  F result = F::blendv(low, high, uniform < up);
+  F result = F::blendv(low, high, uniform * (high - low).abs() < (v - low).abs());
   result = F::blendv(result, F(std::numeric_limits<float>::infinity()) | sign, v.abs() >= F(65520.0f));
   return F::blendv(result, F(std::numeric_limits<float>::quiet_NaN()) | sign, v.isnan());
 }
