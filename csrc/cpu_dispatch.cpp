@@ -133,11 +133,13 @@ void set_cpu_variant(const std::string& name) {
 // For tests: not synchronised with steps running on other threads.
 void set_fixed_layouts(bool enabled) { fixed_layouts = enabled; }
 
-// How many stored-path launches each kernel slot has run so far (cpu_kernels.h: 0 the general kernel, 1 + j the
-// kernel of kFixedLayouts[j]).
-std::vector<int64_t> stored_launch_counts() {
-  std::vector<int64_t> counts;
-  for (const auto& count : stored_launches) counts.push_back(count.load(std::memory_order_relaxed));
+// How many stored-path launches each kernel has run so far, by name: "general", or its kFixedLayouts name.
+c10::Dict<std::string, int64_t> stored_launch_counts() {
+  c10::Dict<std::string, int64_t> counts;
+  for (int slot = 0; slot < kStoredSlots; ++slot) {
+    const std::string_view name = slot == 0 ? kGeneralKernelName : kFixedLayouts[slot - 1].name;
+    counts.insert(std::string(name), stored_launches[slot].load(std::memory_order_relaxed));
+  }
   return counts;
 }
 
@@ -151,7 +153,7 @@ TORCH_LIBRARY_FRAGMENT(fusedopt, m) {
   m.def("_cpu_variant() -> str", &cpu::cpu_variant);
   m.def("_set_cpu_variant(str name) -> ()", &cpu::set_cpu_variant);
   m.def("_set_fixed_layouts(bool enabled) -> ()", &cpu::set_fixed_layouts);
-  m.def("_stored_launches() -> int[]", &cpu::stored_launch_counts);
+  m.def("_stored_launches() -> Dict(str, int)", &cpu::stored_launch_counts);
 }
 
 }  // namespace fusedopt

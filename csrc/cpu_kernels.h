@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 #include "step_table.h"
 
@@ -65,26 +66,28 @@ using StoredSumFn = void (*)(const TensorEntry& entry, const ElementStore& store
 // stack accesses of the fixed one, and on a 2-core Intel Xeon (bf16, 10 x 2^20 elements, 2 threads) SGD momentum
 // with stochastic rounding, which moves no extra byte, took 1.46x round-to-nearest's step time there against
 // 1.18x here; Kahan AdamW 1.40x against 1.23x. Any other layout (fp16, fp32 params with low-precision state, ...)
-// runs the general kernel.
+// runs the general kernel. Named for the tests, which read which kernel ran by these names (_stored_launches).
 struct StoredLayout {
-  int32_t rounding, param_type, state_type, has_master, has_kahan;  // StoragePolicy's fields of the same names
+  std::string_view name;
+  StoragePolicy policy;  // {stored, rounding, param_type, state_type, has_master, has_kahan}
 };
 inline constexpr StoredLayout kFixedLayouts[] = {
-    {kStochastic, kStoredBFloat16, kStoredBFloat16, 0, 0},  // param_rounding="stochastic"
-    {kKahan, kStoredBFloat16, kStoredBFloat16, 0, 1},       // param_rounding="kahan"
-    {kNearest, kStoredBFloat16, kStoredBFloat16, 1, 0},     // master_weights=True
-    {kStochastic, kStoredBFloat16, kStoredBFloat16, 1, 0},  // master_weights=True, param_rounding="stochastic"
-    {kNearest, kStoredBFloat16, kStoredFloat, 0, 0},        // state_dtype=torch.float32
+    {"stochastic", {1, kStochastic, kStoredBFloat16, kStoredBFloat16, 0, 0}},
+    {"kahan", {1, kKahan, kStoredBFloat16, kStoredBFloat16, 0, 1}},
+    {"master", {1, kNearest, kStoredBFloat16, kStoredBFloat16, 1, 0}},
+    {"master+stochastic", {1, kStochastic, kStoredBFloat16, kStoredBFloat16, 1, 0}},
+    {"fp32-state", {1, kNearest, kStoredBFloat16, kStoredFloat, 0, 0}},
 };
 // Kernel slot 0 is the general kernel, slot 1 + j the kernel of kFixedLayouts[j].
 inline constexpr int kStoredSlots = 1 + int(sizeof(kFixedLayouts) / sizeof(kFixedLayouts[0]));
+inline constexpr std::string_view kGeneralKernelName = "general";
 
 // The slot of the kernel that serves a launch's storage policy.
 constexpr int stored_slot(const StoragePolicy& policy) {
   for (int j = 0; j + 1 < kStoredSlots; ++j) {
-    const StoredLayout& l = kFixedLayouts[j];
-    if (policy.rounding == l.rounding && policy.param_type == l.param_type && policy.state_type == l.state_type &&
-        policy.has_master == l.has_master && policy.has_kahan == l.has_kahan) {
+    const StoragePolicy& l = kFixedLayouts[j].policy;
+    if (policy.stored == l.stored && policy.rounding == l.rounding && policy.param_type == l.param_type &&
+        policy.state_type == l.state_type && policy.has_master == l.has_master && policy.has_kahan == l.has_kahan) {
       return 1 + j;
     }
   }

@@ -19,22 +19,24 @@
 
 namespace fusedopt::cpu {
 
-// The active variant's kernel from one of the kernel tables (cpu_kernels.h: UpdateKernels, TensorSumKernels,
-// StoredSumKernels, GradStatsKernels): every variant registers all of them, so a hole is a build error.
-template <typename Kernels>
-auto active_kernel() {
-  const auto fn = Kernels::by_variant[active_variant()];
+// A kernel found in one of the kernel tables (cpu_kernels.h): every variant registers all of them, so a hole is a
+// build error.
+template <typename Fn>
+Fn registered(Fn fn) {
   TORCH_CHECK(fn != nullptr, "fusedopt: no CPU kernel of this variant for this update rule");
   return fn;
 }
 
-// The active variant's stored-path kernel for a launch's storage policy: its fixed layout's (cpu_kernels.h), or the
-// general one.
+// The active variant's kernel from UpdateKernels, TensorSumKernels, StoredSumKernels or GradStatsKernels.
+template <typename Kernels>
+auto active_kernel() {
+  return registered(Kernels::by_variant[active_variant()]);
+}
+
+// The active variant's stored-path kernel for a launch's storage policy: its fixed layout's, or the general one.
 template <typename Rule>
 StoredUpdateFn<Rule> stored_kernel(const StoragePolicy& policy) {
-  const auto fn = StoredUpdateKernels<Rule>::by_variant[active_variant()][stored_launch_slot(policy)];
-  TORCH_CHECK(fn != nullptr, "fusedopt: no CPU kernel of this variant for this update rule");
-  return fn;
+  return registered(StoredUpdateKernels<Rule>::by_variant[active_variant()][stored_launch_slot(policy)]);
 }
 
 // A rule is a pure function of its tensor's group, scalar state (`step`, ...) and fresh flag (RuleInputs), and

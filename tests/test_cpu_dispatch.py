@@ -172,13 +172,14 @@ def test_stored_path_variants_match_default_bit_for_bit(entry, opt_id, mode, res
 
 # The stored path's fixed-layout kernels (csrc/cpu_kernels.h: kFixedLayouts, the bf16 modes a user names) against
 # its general kernel, which reads the same layout from the table: the same bits, in every variant. Per mode: its
-# options and the kernel slot that serves it (1 + its index in kFixedLayouts; 0 is the general kernel).
+# options and the name of the kernel that serves it (kFixedLayouts' names; "general" is the general kernel).
 FIXED_LAYOUTS = {
-    "stochastic-bf16": ({"param_rounding": "stochastic", "seed": 5}, 1),
-    "kahan-bf16": ({"param_rounding": "kahan"}, 2),
-    "master-bf16": ({"master_weights": True}, 3),
-    "master-stochastic-bf16": ({"master_weights": True, "param_rounding": "stochastic", "seed": 5}, 4),
-    "fp32-state-bf16": ({"state_dtype": torch.float32}, 5),
+    "stochastic-bf16": ({"param_rounding": "stochastic", "seed": 5}, "stochastic"),
+    "kahan-bf16": ({"param_rounding": "kahan"}, "kahan"),
+    "master-bf16": ({"master_weights": True}, "master"),
+    "master-stochastic-bf16": ({"master_weights": True, "param_rounding": "stochastic", "seed": 5},
+                               "master+stochastic"),
+    "fp32-state-bf16": ({"state_dtype": torch.float32}, "fp32-state"),
 }
 
 
@@ -194,20 +195,20 @@ def run_stored(variant, fixed, entry, kwargs):
     ops()._set_fixed_layouts(fixed)
     before = ops()._stored_launches()
     opt, params = run_with_variant(variant, entry, kwargs, torch.bfloat16)
-    return opt, params, [after - b for after, b in zip(ops()._stored_launches(), before)]
+    after = ops()._stored_launches()
+    return opt, params, {name: after[name] - before[name] for name in after if after[name] != before[name]}
 
 
 @pytest.mark.parametrize("mode", list(FIXED_LAYOUTS))
 @pytest.mark.parametrize("entry, opt_id", option_params(representative_only=True))
 def test_fixed_layout_kernels_match_the_general_kernel(entry, opt_id, mode, restore_variant, restore_layouts):
-    options, slot = FIXED_LAYOUTS[mode]
+    options, kernel = FIXED_LAYOUTS[mode]
     kwargs = {**entry.option_sets[opt_id], **options}
     for variant in available():
         ref_opt, ref_params, general = run_stored(variant, False, entry, kwargs)
         opt, params, fixed = run_stored(variant, True, entry, kwargs)
-        assert general[0] > 0 and sum(general) == general[0], f"{variant}: general kernel launches {general}"
-        assert fixed[slot] == general[0] and sum(fixed) == fixed[slot], (
-            f"{variant}: expected every launch in slot {slot}, got {fixed}")
+        assert list(general) == ["general"] and general["general"] > 0, f"{variant}: launches {general}"
+        assert fixed == {kernel: general["general"]}, f"{variant}: expected every launch in {kernel}, got {fixed}"
         assert_identical_runs(opt, params, ref_opt, ref_params, f"{variant}, fixed layout {mode}", "the general kernel")
 
 

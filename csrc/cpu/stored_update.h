@@ -423,7 +423,7 @@ C10_ALWAYS_INLINE void prefetch_step(const TensorEntry& entry, const Policy& pol
 // StoragePolicy, read the same way by the functions above, but constants, so each branch on them folds away.
 template <int kLayout>
 struct FixedPolicy {
-  static constexpr StoredLayout kFixed = kFixedLayouts[kLayout];
+  static constexpr StoragePolicy kFixed = kFixedLayouts[kLayout].policy;
   static constexpr int32_t rounding = kFixed.rounding, param_type = kFixed.param_type,
                            state_type = kFixed.state_type, has_master = kFixed.has_master,
                            has_kahan = kFixed.has_kahan;
