@@ -77,6 +77,7 @@ const bool kRegistered = [] {
   using fusedopt::ThisAlgorithm;
   namespace cpu = fusedopt::cpu;
   fusedopt::add_algorithm_spec(fusedopt::algorithm_spec<ThisAlgorithm>());
+  fusedopt::add_direct_step_for<ThisAlgorithm, cpu::CpuRunner>(c10::DeviceType::CPU);
   cpu::add_kernel_registrar(cpu::kDefault, &cpu::DEFAULT::register_update_kernels<ThisAlgorithm>);
 #if defined(FUSEDOPT_CPU_AVX2)
   cpu::add_kernel_registrar(cpu::kAvx2, &cpu::AVX2::register_update_kernels<ThisAlgorithm>);

@@ -1,8 +1,11 @@
 // The Python module fusedopt._C, and CachedCall: a fused op call whose arguments are converted from Python
 // once per launch plan. Converting thousands of tensors through torch.ops costs about a microsecond each per
-// step; a cached call only refreshes the grads (read from the params here) and the few arguments that change
-// between steps (hyperparameters, GradScaler tensors), then runs the same registered op through the dispatcher.
+// step. A cached call walks its tensors once per step (prepare: every check, every table entry, each grad read
+// from its param) and then runs the op's kernel for each call of the step with the few arguments that change
+// between calls (hyperparameters, GradScaler tensors, phases): the dispatcher would walk every tensor again for
+// its dispatch keys, and the op once more for its checks.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/extension.h>
@@ -10,7 +13,9 @@
 #include "algorithm_spec.h"
 #include "ops.h"
 
+#include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "grad_check.h"
@@ -18,6 +23,24 @@
 #include "plan_guard.h"
 
 namespace fusedopt {
+namespace {
+
+std::map<std::pair<std::string, c10::DeviceType>, DirectStep>& direct_steps() {
+  static auto* steps = new std::map<std::pair<std::string, c10::DeviceType>, DirectStep>();
+  return *steps;
+}
+
+}  // namespace
+
+void add_direct_step(std::string_view op, c10::DeviceType device, DirectStep step) {
+  direct_steps()[{std::string(op), device}] = step;
+}
+
+const DirectStep* find_direct_step(std::string_view op, c10::DeviceType device) {
+  const auto found = direct_steps().find({std::string(op), device});
+  return found == direct_steps().end() ? nullptr : &found->second;
+}
+
 namespace {
 
 // What the kernel reads of a gradient: a DTensor's (FSDP2, tensor parallel) local shard, as the optimizer hands
@@ -28,20 +51,6 @@ at::Tensor kernel_grad(const at::Tensor& grad) {
   py::object wrapped = py::reinterpret_steal<py::object>(THPVariable_Wrap(grad));
   if (!py::hasattr(wrapped, "_local_tensor")) return grad;
   return THPVariable_Unpack(wrapped.attr("_local_tensor").ptr());
-}
-
-// A param's .grad, read from its autograd metadata: Tensor::grad() also asks whether the tensor is a leaf (for
-// its warning about non-leaf tensors), a virtual call per param per step.
-C10_ALWAYS_INLINE const at::Tensor& grad_of(const at::Tensor& param) { return param.unsafeGetTensorImpl()->grad(); }
-
-// A param's grad is three objects away: the param's TensorImpl, its AutogradMeta, the grad's TensorImpl. Stage
-// `stage` (0, 1, 2) requests one of them; stage s reads what stage s - 1 requested (csrc/host_prefetch.h).
-C10_ALWAYS_INLINE void prefetch_grad_link(const at::Tensor& param, int stage) {
-  if (stage == 0) return host::prefetch_metadata(param);
-  const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(param.unsafeGetTensorImpl()->autograd_meta());
-  if (meta == nullptr) return;
-  if (stage == 1) return host::prefetch_bytes(meta, 128);  // the grad's link lies in its first bytes
-  host::prefetch_metadata(meta->grad_);
 }
 
 // For a loop at params[i]: the links of the grad chains of the params ahead.
@@ -76,45 +85,55 @@ class CachedCall {
     grads_index_ = argument_index("grads");
     TORCH_CHECK(stack_[grads_index_].toTensorList().size() == grad_sources_.size(),
                 "fusedopt.CachedCall: one grad source per grad");
-    stack_[grads_index_] = c10::List<at::Tensor>();  // filled per call (run)
+    stack_[grads_index_] = c10::List<at::Tensor>();  // filled per step, or read from the params (direct_)
+    const c10::List<at::Tensor> params = stack_[argument_index("params")].toTensorList();
+    TORCH_CHECK(params.size() == grad_sources_.size(), "fusedopt.CachedCall: one grad source per param");
+    for (size_t i = 0; i < params.size(); ++i) direct_ = direct_ && params.get(i).is_same(grad_sources_[i]);
+    if (params.empty()) return;
+    step_ = find_direct_step(op_name, params.get(0).device().type());
+    uint32_t mask = 0;
+    key_ = launch_key(step_inputs(mask));
   }
 
-  // Whether every param of this call has a gradient, i.e. the call can run as built; raises when a gradient
-  // could not be used. A step checks every launch this way before it runs any, so a bad gradient in one
-  // launch cannot leave the params of another half-updated.
-  bool grads_ready() const {
-    for (size_t i = 0; i < grad_sources_.size(); ++i) {
-      prefetch_grads_ahead(grad_sources_, i);
-      const at::Tensor& param = grad_sources_[i];
-      const at::Tensor& grad = grad_of(param);
-      if (!grad.defined()) return false;
-      if (!grad_usable(param, grad)) TORCH_CHECK(false, "fusedopt: ", grad_problem(param, grad));
-    }
-    return true;
+  // Before any call of a step: one pass over every tensor of this call (the op's checks, the table entries),
+  // every launch of the step before any runs, so that a bad gradient in one launch cannot leave the params of
+  // another half-updated. False when the call no longer fits its tensors (a param without a gradient, a tensor
+  // of another dtype, device or shape): the plan is rebuilt, and the rebuild raises where torch would.
+  bool prepare() {
+    release();
+    if (step_ == nullptr) return grads_ready();  // no kernel for this device here: the dispatcher says so
+    if (!direct_ && !gather_grads()) return false;
+    uint32_t mask = 0;
+    ready_ = prepare_tensors(step_inputs(mask), direct_ ? GradsFrom::kParams : GradsFrom::kList, key_, prepared_);
+    if (!ready_) release();
+    return ready_;
   }
 
-  // Runs the op with fresh grads and `updates` ({argument name: value}) replacing the cached arguments. The
-  // grads go into a list of this call only: holding them past the call would keep a step's grads alive until
-  // the next one (after zero_grad(set_to_none=True), memory the next backward needs), and free them inside it.
+  // One call of the step prepared last, with `updates` ({argument name: value}) replacing the cached arguments.
   void run(const py::dict& updates) {
-    c10::List<at::Tensor> grads;
-    grads.reserve(grad_sources_.size());
-    for (size_t i = 0; i < grad_sources_.size(); ++i) {
-      prefetch_grads_ahead(grad_sources_, i);
-      const at::Tensor& grad = grad_of(grad_sources_[i]);
-      TORCH_CHECK(grad.defined(), "fusedopt: a param of this step lost its gradient");
-      at::Tensor local = kernel_grad(grad);
-      grads.push_back(local.is_complex() ? at::view_as_real(local) : std::move(local));
-    }
     const auto& arguments = op_.schema().arguments();
     for (const auto& [name, value] : updates) {
       const size_t index = argument_index(py::cast<std::string>(name).c_str());
       stack_[index] = torch::jit::toIValue(value, arguments[index].real_type());
     }
-    torch::jit::Stack stack = stack_;
-    stack[grads_index_] = std::move(grads);
+    if (step_ == nullptr) return dispatch();
+    TORCH_CHECK(ready_, "fusedopt.CachedCall.run: prepare() has not succeeded for this step");
+    RECORD_FUNCTION(op_.schema().name().c_str(), std::vector<c10::IValue>());
+    uint32_t mask = 0;
+    const StepInputs inputs = step_inputs(mask);
+    prepare_call(inputs, prepared_);
     py::gil_scoped_release no_gil;
-    op_.callBoxed(stack);
+    step_->run(prepared_, mask);
+    prepared_.table_changed = false;  // this call wrote it (and uploaded it): the step's next call reuses it
+  }
+
+  // After the step's last call: the grads gathered and any dense working copies are let go. Holding them past
+  // the step would keep a step's grads alive until the next one (after zero_grad(set_to_none=True), memory the
+  // next backward needs).
+  void release() {
+    ready_ = false;
+    prepared_ = PreparedStep{};
+    if (!direct_) stack_[grads_index_] = c10::List<at::Tensor>();
   }
 
  private:
@@ -124,10 +143,53 @@ class CachedCall {
     return *index;
   }
 
+  StepInputs step_inputs(uint32_t& mask) { return step_->inputs(op_, stack_, mask); }
+
+  // The grads list of a call whose kernel params are views or local shards of the params (complex params,
+  // DTensor): false when a param has no usable gradient.
+  bool gather_grads() {
+    c10::List<at::Tensor> grads;
+    grads.reserve(grad_sources_.size());
+    for (size_t i = 0; i < grad_sources_.size(); ++i) {
+      prefetch_grads_ahead(grad_sources_, i);
+      const at::Tensor& grad = grad_of(grad_sources_[i]);
+      if (!grad_usable(grad_sources_[i], grad)) return false;
+      at::Tensor local = kernel_grad(grad);
+      grads.push_back(local.is_complex() ? at::view_as_real(local) : std::move(local));
+    }
+    stack_[grads_index_] = std::move(grads);
+    return true;
+  }
+
+  // Without a kernel for the device in this build: whether every param has a gradient, as the op is then called
+  // through the dispatcher (dispatch), which raises for the missing kernel.
+  bool grads_ready() const {
+    for (size_t i = 0; i < grad_sources_.size(); ++i) {
+      const at::Tensor& grad = grad_of(grad_sources_[i]);
+      if (!grad.defined()) return false;
+      if (!grad_usable(grad_sources_[i], grad)) TORCH_CHECK(false, "fusedopt: ", grad_problem(grad_sources_[i], grad));
+    }
+    return true;
+  }
+
+  void dispatch() {
+    c10::List<at::Tensor> grads;
+    for (const at::Tensor& source : grad_sources_) grads.push_back(kernel_grad(grad_of(source)));
+    torch::jit::Stack stack = stack_;
+    stack[grads_index_] = std::move(grads);
+    py::gil_scoped_release no_gil;
+    op_.callBoxed(stack);
+  }
+
   c10::OperatorHandle op_;
   std::vector<at::Tensor> grad_sources_;
   torch::jit::Stack stack_;
   size_t grads_index_;
+  bool direct_ = true;  // every kernel param is its own grad source: the pass reads each grad from it
+  const DirectStep* step_ = nullptr;
+  LaunchKey key_{at::kFloat, at::kCPU, at::kFloat};  // what the plan was built for
+  PreparedStep prepared_;  // the step's table pass, valid while ready_
+  bool ready_ = false;
 };
 
 bool none_has_grad(const std::vector<at::Tensor>& params) {
@@ -144,8 +206,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusedopt kernels; importing this module registers the torch.ops.fusedopt ops";
   py::class_<fusedopt::CachedCall>(m, "CachedCall")
       .def(py::init<const std::string&, const py::dict&, std::vector<at::Tensor>>())
-      .def("grads_ready", &fusedopt::CachedCall::grads_ready)
-      .def("run", &fusedopt::CachedCall::run);
+      .def("prepare", &fusedopt::CachedCall::prepare)
+      .def("run", &fusedopt::CachedCall::run)
+      .def("release", &fusedopt::CachedCall::release);
   m.def("none_has_grad", &fusedopt::none_has_grad, "True when no tensor in the list has a .grad");
   m.def(
       "param_rounding_modes",

@@ -4,8 +4,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <string>
+
+#include "host_prefetch.h"
 
 namespace pybind11 {
 class module_;
@@ -36,6 +39,20 @@ C10_ALWAYS_INLINE bool like_param(const at::Tensor& t, const at::Tensor& param, 
 // Whether `grad` can update `param`: like_param in the param's dtype.
 C10_ALWAYS_INLINE bool grad_usable(const at::Tensor& param, const at::Tensor& grad) {
   return like_param(grad, param, param.scalar_type());
+}
+
+// A param's .grad, read from its autograd metadata: Tensor::grad() also asks whether the tensor is a leaf (for
+// its warning about non-leaf tensors), a virtual call per param per step.
+C10_ALWAYS_INLINE const at::Tensor& grad_of(const at::Tensor& param) { return param.unsafeGetTensorImpl()->grad(); }
+
+// A param's grad is three objects away: the param's TensorImpl, its AutogradMeta, the grad's TensorImpl. Stage
+// `stage` (0, 1, 2) requests one of them; stage s reads what stage s - 1 requested (csrc/host_prefetch.h).
+C10_ALWAYS_INLINE void prefetch_grad_link(const at::Tensor& param, int stage) {
+  if (stage == 0) return host::prefetch_metadata(param);
+  const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(param.unsafeGetTensorImpl()->autograd_meta());
+  if (meta == nullptr) return;
+  if (stage == 1) return host::prefetch_bytes(meta, 128);  // the grad's link lies in its first bytes
+  host::prefetch_metadata(meta->grad_);
 }
 
 // Empty when `grad` can update `param` (grad_usable); otherwise why not.

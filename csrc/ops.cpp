@@ -75,11 +75,6 @@ StoragePolicy storage_policy(const StepInputs& in, at::ScalarType param_dtype, a
   }
   const auto rounding = Rounding(found - kRoundingNames.begin());
   const bool master = !x.master_params.empty(), kahan = !x.kahan_comp.empty();
-  const size_t n = in.params.size();
-  TORCH_CHECK(!master || x.master_params.size() == n, "fusedopt.", op, ": got ", n, " params but ",
-              x.master_params.size(), " master_params");
-  TORCH_CHECK(!kahan || x.kahan_comp.size() == n, "fusedopt.", op, ": got ", n, " params but ", x.kahan_comp.size(),
-              " kahan_comp buffers");
   TORCH_CHECK(kahan == (rounding == kKahan), "fusedopt.", op,
               ": param_rounding=\"kahan\" and kahan_comp go together (one compensation buffer per param)");
   TORCH_CHECK(!(master && kahan), "fusedopt.", op, ": master_params and Kahan compensation exclude each other");
@@ -174,46 +169,84 @@ at::ScalarType launch_state_dtype(const StepInputs& in) {
                                                          : in.params[0].scalar_type();
 }
 
-// Every tensor of entry i against params[i] and the launch's dtypes and device. prepare_step checks each entry
-// just before it reads it: one walk over the tensors, not one to check and one to read (validate checks the
-// rest of the call before either).
-void check_entry(const StepInputs& in, size_t i, at::ScalarType state_dtype) {
-  const std::string_view op = in.op_name;
-  const at::Tensor& first = in.params[0];
-  const at::ScalarType dtype = first.scalar_type();
-  const at::Tensor& param = in.params[i];
-  TORCH_CHECK(param.scalar_type() == dtype && param.device() == first.device() && param.layout() == at::kStrided,
-              "fusedopt.", op, ": all params of one launch must share dtype and device; params[", i, "] is ",
-              describe(param), ", params[0] is ", describe(first));
-  if (!grad_usable(param, in.grads[i])) {
-    TORCH_CHECK(false, "fusedopt.", op, ": grads[", i, "]: ", grad_problem(param, in.grads[i]));
-  }
-  for (const auto& list : in.states) check_like_param(op, "state", i, list[i], param, state_dtype);
-  if (!in.extras.master_params.empty()) {
-    check_like_param(op, "master_params", i, in.extras.master_params[i], param, at::kFloat);
-  }
-  if (!in.extras.kahan_comp.empty()) check_like_param(op, "kahan_comp", i, in.extras.kahan_comp[i], param, dtype);
-  for (const auto& list : in.scalars) {
-    const at::Tensor& scalar = list[i];
-    TORCH_CHECK(scalar.defined() && scalar.numel() == 1 && scalar.scalar_type() == at::kFloat &&
-                    scalar.device() == param.device(),
-                "fusedopt.", op, ": scalar state [", i, "] must be a 1-element float32 tensor on ", param.device(),
-                ", got ", scalar.defined() ? describe(scalar) : std::string("undefined"));
+// What the tensor pass does with a tensor that does not fit its launch: the op raises, saying what is wrong; a
+// cached call reports it, and its plan is rebuilt (the rebuild raises, with torch's wording, where torch would).
+enum class OnMisfit { kRaise, kReport };
+
+template <GradsFrom kFrom>
+C10_ALWAYS_INLINE const at::Tensor& grad_at(const StepInputs& in, size_t i) {
+  if constexpr (kFrom == GradsFrom::kList) {
+    return in.grads[i];
+  } else {
+    return grad_of(in.params[i]);
   }
 }
 
-// The two stages (TensorImpl, then StorageImpl) of every tensor of the entries ahead of entry i.
-void prefetch_entries_ahead(const StepInputs& in, int64_t i, int64_t n) {
-  host::prefetch_chains_ahead<2>(i, n, [&](size_t j, int stage) {
+// Every tensor of entry i against params[i] and the launch's dtypes and device. The tensor pass checks each entry
+// just before it reads it: one walk over the tensors, not one to check and one to read (validate checks the
+// rest of the call before either). The test every step passes is inline; the messages are built only on failure.
+template <OnMisfit kOn, GradsFrom kFrom>
+C10_ALWAYS_INLINE bool check_entry(const StepInputs& in, size_t i, const LaunchKey& key) {
+  constexpr bool kReport = kOn == OnMisfit::kReport;
+  const std::string_view op = in.op_name;
+  const at::Tensor& param = in.params[i];
+  if (C10_UNLIKELY(param.scalar_type() != key.param_dtype || param.device() != key.device ||
+                   param.layout() != at::kStrided)) {
+    if (kReport) return false;
+    TORCH_CHECK(false, "fusedopt.", op, ": all params of one launch must share dtype and device; params[", i,
+                "] is ", describe(param), ", params[0] is ", describe(in.params[0]));
+  }
+  const at::Tensor& grad = grad_at<kFrom>(in, i);
+  if (C10_UNLIKELY(!grad_usable(param, grad))) {
+    if (kReport) return false;
+    TORCH_CHECK(false, "fusedopt.", op, ": grads[", i, "]: ", grad_problem(param, grad));
+  }
+  auto fits = [&](const char* what, const at::Tensor& t, at::ScalarType dtype) {
+    if (C10_LIKELY(like_param(t, param, dtype))) return true;
+    if (!kReport) explain_unlike_param(op, what, i, t, param, dtype);
+    return false;
+  };
+  for (const auto& list : in.states) {
+    if (!fits("state", list[i], key.state_dtype)) return false;
+  }
+  if (!in.extras.master_params.empty() && !fits("master_params", in.extras.master_params[i], at::kFloat)) {
+    return false;
+  }
+  if (!in.extras.kahan_comp.empty() && !fits("kahan_comp", in.extras.kahan_comp[i], key.param_dtype)) return false;
+  for (const auto& list : in.scalars) {
+    const at::Tensor& scalar = list[i];
+    if (C10_LIKELY(scalar.defined() && scalar.numel() == 1 && scalar.scalar_type() == at::kFloat &&
+                   scalar.device() == param.device())) {
+      continue;
+    }
+    if (kReport) return false;
+    TORCH_CHECK(false, "fusedopt.", op, ": scalar state [", i, "] must be a 1-element float32 tensor on ",
+                param.device(), ", got ", scalar.defined() ? describe(scalar) : std::string("undefined"));
+  }
+  return true;
+}
+
+// The tensors of the entries ahead of entry i, in the stages their chains take (csrc/host_prefetch.h): a grad
+// read from its param comes through the param's TensorImpl and AutogradMeta (stages 0, 1); then every tensor's
+// TensorImpl (stage 2) and its StorageImpl (stage 3).
+template <GradsFrom kFrom>
+C10_ALWAYS_INLINE void prefetch_entries_ahead(const StepInputs& in, int64_t i, int64_t n) {
+  host::prefetch_chains_ahead<4>(i, n, [&](size_t j, int stage) {
+    if (kFrom == GradsFrom::kParams && stage < 2) return prefetch_grad_link(in.params[j], stage);
+    if (stage < 2) return;
     auto request = [stage](const at::Tensor& t) {
-      if (stage == 0) {
+      if (stage == 2) {
         host::prefetch_metadata(t);
       } else {
         host::prefetch_storage(t);
       }
     };
+    if (kFrom == GradsFrom::kList || stage == 3) {
+      request(grad_at<kFrom>(in, j));
+    } else {
+      prefetch_grad_link(in.params[j], 2);
+    }
     request(in.params[j]);
-    request(in.grads[j]);
     for (const auto& list : in.states) request(list[j]);
     for (const auto& list : in.scalars) request(list[j]);
     if (!in.extras.master_params.empty()) request(in.extras.master_params[j]);
@@ -228,17 +261,23 @@ void prefetch_table_entry(TableView table, int64_t i, int64_t n) {
       i, n, [&](size_t j, int) { host::prefetch_bytes(&table.tensors()[j], sizeof(TensorEntry)); });
 }
 
-// Returns the launch's storage policy (plain for an empty launch).
-StoragePolicy validate(const StepInputs& in) {
+// The call's lists against the number of params and groups, and the host table's size: what the tensor pass
+// indexes. Nothing here reads a tensor the pass checks, so a cached call's plan that went stale is reported by
+// the pass, not raised here.
+void check_lists(const StepInputs& in) {
   const std::string_view op = in.op_name;
   const size_t n = in.params.size();
-  TORCH_CHECK(in.grads.size() == n, "fusedopt.", op, ": got ", n, " params but ", in.grads.size(), " grads");
   for (const auto& list : in.states) {
     TORCH_CHECK(list.size() == n, "fusedopt.", op, ": got ", n, " params but a state list of ", list.size());
   }
   for (const auto& list : in.scalars) {
     TORCH_CHECK(list.size() == n, "fusedopt.", op, ": got ", n, " params but a scalar state list of ", list.size());
   }
+  const StepExtras& x = in.extras;
+  TORCH_CHECK(x.master_params.empty() || x.master_params.size() == n, "fusedopt.", op, ": got ", n,
+              " params but ", x.master_params.size(), " master_params");
+  TORCH_CHECK(x.kahan_comp.empty() || x.kahan_comp.size() == n, "fusedopt.", op, ": got ", n, " params but ",
+              x.kahan_comp.size(), " kahan_comp buffers");
   TORCH_CHECK(in.fresh_state.empty() || in.fresh_state.size() == n, "fusedopt.", op, ": got ", n,
               " params but ", in.fresh_state.size(), " fresh_state flags");
   const size_t num_groups = in.group_ends.size();
@@ -251,14 +290,25 @@ StoragePolicy validate(const StepInputs& in) {
     previous_end = end;
   }
   TORCH_CHECK(previous_end == int64_t(n), "fusedopt.", op, ": group_ends must end at the number of params");
+  const int64_t words = table_words(n, num_groups);
+  TORCH_CHECK(in.host_table.device().is_cpu() && in.host_table.scalar_type() == at::kLong &&
+                  in.host_table.is_contiguous() && in.host_table.numel() == words,
+              "fusedopt.", op, ": host_table must be a contiguous CPU int64 tensor of table_words(", n, ", ",
+              num_groups, ") = ", words, " elements");
+}
+
+// Returns the launch's storage policy (plain for an empty launch).
+StoragePolicy validate(const StepInputs& in) {
+  check_lists(in);
+  const std::string_view op = in.op_name;
+  const size_t n = in.params.size();
+  const size_t num_groups = in.group_ends.size();
   if (n == 0) return StoragePolicy{};
 
   const at::Tensor& first = in.params[0];
   const auto dtype = first.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "fusedopt.", op, ": params must be float32, float64, float16 or bfloat16, got ", dtype);
-  // Before prepare_step's loop over the tensors (check_entry): it checks the sizes of the master and
-  // compensation lists the loop indexes.
   const StoragePolicy storage = storage_policy(in, dtype, launch_state_dtype(in));
   for (size_t g = 0; g < num_groups; ++g) {
     const std::optional<at::Tensor> lr = in.lrs.get(g);
@@ -271,10 +321,6 @@ StoragePolicy validate(const StepInputs& in) {
   }
   validate_extras(in, first.device());
   const int64_t words = table_words(n, num_groups);
-  TORCH_CHECK(in.host_table.device().is_cpu() && in.host_table.scalar_type() == at::kLong &&
-                  in.host_table.is_contiguous() && in.host_table.numel() == words,
-              "fusedopt.", op, ": host_table must be a contiguous CPU int64 tensor of table_words(", n, ", ",
-              num_groups, ") = ", words, " elements");
   if (first.device().is_cpu()) {
     TORCH_CHECK(in.device_table.numel() == 0, "fusedopt.", op, ": device_table must be empty for CPU params");
   } else {
@@ -334,45 +380,48 @@ std::atomic<bool>& cooperative_launch_enabled() {
   return enabled;
 }
 
-PreparedStep prepare_step(const StepInputs& in) {
-  const StoragePolicy storage = validate(in);
-  PreparedStep prepared;
-  const int64_t n = in.params.size();
-  if (n == 0) return prepared;
+namespace {
+
+// From the first difference until the chunk map is rebuilt the table is marked incomplete (num_chunks < 0), so
+// a step that throws half-way never leaves one that looks valid.
+void mark_changed(PreparedStep& prepared) {
+  prepared.table_changed = true;
+  prepared.host.header().num_chunks = -1;
+}
+
+// The step's table, its header reset where the launch's sizes changed; the tensor pass follows.
+void begin_prepare(const StepInputs& in, PreparedStep& prepared) {
+  const int64_t n = in.params.size(), num_groups = in.group_ends.size();
   prepared.empty = false;
   prepared.dtype = in.params[0].scalar_type();
   prepared.device = in.params[0].device();
   prepared.host_table = in.host_table;
   prepared.host = TableView{in.host_table.data_ptr<int64_t>()};
   if (!prepared.device.is_cpu()) prepared.device_table = in.device_table;
-
-  const int64_t num_groups = in.group_ends.size();
-  TableView table = prepared.host;
-  TableHeader& header = table.header();
-  // Entries are compared and rewritten in place. From the first difference until the chunk map is rebuilt the
-  // table is marked incomplete (num_chunks < 0), so a step that throws half-way never leaves one that looks valid.
-  bool changed = header.num_tensors != n || header.num_groups != num_groups || header.num_chunks < 0;
-  auto mark_changed = [&] {
-    changed = true;
-    header.num_chunks = -1;
-  };
-  if (changed) {
+  TableHeader& header = prepared.host.header();
+  prepared.table_changed = header.num_tensors != n || header.num_groups != num_groups || header.num_chunks < 0;
+  if (prepared.table_changed) {
     const int64_t stale = header.device_copy_stale;
     header = TableHeader{};
     header.device_copy_stale = stale;
     header.num_tensors = n;  // fixes where the group entries and the chunk map start
     header.num_groups = num_groups;
-    mark_changed();
+    mark_changed(prepared);
   }
+}
 
-  bool groups_changed = false;
+// Every tensor checked (check_entry) and its table entry compared, rewritten where it differs. Entries are
+// rewritten in place; a throw or a misfit leaves the table as it was or marked incomplete, and the params and
+// state untouched. False: a tensor does not fit the launch (OnMisfit::kReport).
+template <OnMisfit kOn, GradsFrom kFrom>
+bool tensor_pass(const StepInputs& in, const LaunchKey& key, PreparedStep& prepared) {
+  const int64_t n = in.params.size();
+  TableView table = prepared.host;
   int64_t group = 0;
-  const at::ScalarType state_dtype = launch_state_dtype(in);
   for (int64_t i = 0; i < n; ++i) {
-    prefetch_entries_ahead(in, i, n);
+    prefetch_entries_ahead<kFrom>(in, i, n);
     prefetch_table_entry(table, i, n);
-    // A throw here leaves the table as it was or marked incomplete (above), and the params and state untouched.
-    check_entry(in, i, state_dtype);
+    if (!check_entry<kOn, kFrom>(in, i, key)) return false;
     while (in.group_ends[group] <= i) ++group;
     const at::Tensor* param = &in.params[i];
     at::Tensor dense_param;  // only for a param the kernel cannot walk in place
@@ -383,7 +432,7 @@ PreparedStep prepare_step(const StepInputs& in) {
     }
     TensorEntry e{};
     e.param = param->data_ptr();
-    e.grad = dense_data(in.grads[i], *param, prepared, false);
+    e.grad = dense_data(grad_at<kFrom>(in, i), *param, prepared, false);
     for (int k = 0; k < kMaxStates; ++k) {
       e.state[k] = k < int(in.states.size()) ? dense_data(in.states[k][i], *param, prepared, true) : nullptr;
     }
@@ -397,11 +446,20 @@ PreparedStep prepare_step(const StepInputs& in) {
     e.group = int32_t(group);
     e.fresh_state = in.fresh_state.empty() ? 0 : int32_t(in.fresh_state[i] != 0);
     if (!same_record(e, table.tensors()[i])) {
-      if (!changed) mark_changed();
+      if (!prepared.table_changed) mark_changed(prepared);
       table.tensors()[i] = e;
     }
   }
+  return true;
+}
 
+// What follows the tensor pass at every call: the group entries, the header's storage policy and momentum
+// slot, the per-call values, and the chunk map where any tensor entry changed.
+void finish_prepare(const StepInputs& in, const StoragePolicy& storage, PreparedStep& prepared) {
+  const int64_t n = in.params.size(), num_groups = in.group_ends.size();
+  TableView table = prepared.host;
+  TableHeader& header = table.header();
+  bool groups_changed = false;
   for (int64_t g = 0; g < num_groups; ++g) {
     GroupEntry entry{};
     std::copy_n(in.hyper.data() + g * in.num_hyper, in.num_hyper, entry.hyper);
@@ -426,17 +484,17 @@ PreparedStep prepare_step(const StepInputs& in) {
   }
 
   if (std::memcmp(&header.storage, &storage, sizeof(StoragePolicy)) != 0) {
-    if (!changed) mark_changed();
+    if (!prepared.table_changed) mark_changed(prepared);
     header.storage = storage;
   }
   if (header.momentum_slot != in.momentum_slot) {
-    if (!changed) mark_changed();
+    if (!prepared.table_changed) mark_changed(prepared);
     header.momentum_slot = in.momentum_slot;
   }
   prepared.args = step_args(in.extras);
-  prepared.groups_changed = groups_changed && !changed;
+  prepared.groups_changed = groups_changed && !prepared.table_changed;
 
-  if (changed) {
+  if (header.num_chunks < 0) {
     int64_t* first_chunk = table.first_chunk();
     int64_t chunks = 0, total = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -449,8 +507,42 @@ PreparedStep prepare_step(const StepInputs& in) {
     header.total_numel = total;
     header.num_chunks = chunks;  // complete again
   }
-  prepared.table_changed = changed;
+}
+
+}  // namespace
+
+LaunchKey launch_key(const StepInputs& in) {
+  const at::Tensor& first = in.params[0];
+  return LaunchKey{first.scalar_type(), first.device(), launch_state_dtype(in)};
+}
+
+PreparedStep prepare_step(const StepInputs& in) {
+  const size_t n = in.params.size();
+  TORCH_CHECK(in.grads.size() == n, "fusedopt.", in.op_name, ": got ", n, " params but ", in.grads.size(), " grads");
+  const StoragePolicy storage = validate(in);
+  PreparedStep prepared;
+  if (n == 0) return prepared;
+  begin_prepare(in, prepared);
+  tensor_pass<OnMisfit::kRaise, GradsFrom::kList>(in, launch_key(in), prepared);
+  finish_prepare(in, storage, prepared);
   return prepared;
+}
+
+bool prepare_tensors(const StepInputs& in, GradsFrom grads, const LaunchKey& key, PreparedStep& prepared) {
+  const size_t n = in.params.size();
+  TORCH_CHECK(grads == GradsFrom::kParams || in.grads.size() == n, "fusedopt.", in.op_name, ": got ", n,
+              " params but ", in.grads.size(), " grads");
+  check_lists(in);  // what the pass indexes; the call's values are validated at each call (prepare_call)
+  prepared = PreparedStep{};
+  if (n == 0) return true;
+  begin_prepare(in, prepared);
+  return grads == GradsFrom::kParams ? tensor_pass<OnMisfit::kReport, GradsFrom::kParams>(in, key, prepared)
+                                     : tensor_pass<OnMisfit::kReport, GradsFrom::kList>(in, key, prepared);
+}
+
+void prepare_call(const StepInputs& in, PreparedStep& prepared) {
+  const StoragePolicy storage = validate(in);
+  if (!prepared.empty) finish_prepare(in, storage, prepared);
 }
 
 void finish_step(PreparedStep& prepared) {

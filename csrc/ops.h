@@ -147,6 +147,40 @@ PreparedStep prepare_step(const StepInputs& inputs);
 // Copies the dense working copies back into their originals.
 void finish_step(PreparedStep& prepared);
 
+// A cached call's step (csrc/cached_call.cpp) is prepare_step in two parts: the tensors once per step, the
+// per-call values at every call of the step (a step that reduces, then updates, calls a launch twice).
+//
+// What a cached launch was built for: every tensor must still have these dtypes and this device.
+struct LaunchKey {
+  at::ScalarType param_dtype;
+  at::Device device;
+  at::ScalarType state_dtype;
+};
+// The launch the op sees in `inputs`: params[0]'s dtype and device, the first state buffer's dtype (the params'
+// without state buffers).
+LaunchKey launch_key(const StepInputs& inputs);
+// Where the tensor pass reads each grad: the op's grads list, or the .grad of each of the params themselves
+// (a cached call whose kernel params are the optimizer's own: no list to build, no reference to count).
+enum class GradsFrom { kList, kParams };
+// prepare_step's checks and table entries for every tensor, in one pass. A tensor that no longer fits the
+// launch (another dtype, device or shape, a param without a grad) is reported (false), not raised: the plan
+// is rebuilt. A grad that cannot update its param raises.
+bool prepare_tensors(const StepInputs& inputs, GradsFrom grads, const LaunchKey& key, PreparedStep& prepared);
+// The rest of prepare_step, for one call: its values validated, the group entries, the table's header and
+// chunk map. `prepared` came from prepare_tensors and is reused by every call of the step.
+void prepare_call(const StepInputs& inputs, PreparedStep& prepared);
+
+// The op's kernel for one device type, for callers that hold the op's boxed arguments already and prepare the
+// step themselves (a cached call): reads the arguments the declaration names, and runs a prepared step.
+struct DirectStep {
+  StepInputs (*inputs)(const c10::OperatorHandle& op, torch::jit::Stack& stack, uint32_t& option_mask);
+  void (*run)(PreparedStep& prepared, uint32_t option_mask);
+};
+// Called during static initialisation by each algorithm's CPU and CUDA registrations.
+void add_direct_step(std::string_view op, c10::DeviceType device, DirectStep step);
+// nullptr when the op has no kernel for the device type in this build.
+const DirectStep* find_direct_step(std::string_view op, c10::DeviceType device);
+
 template <typename T>
 struct TypeTag {
   using type = T;
@@ -179,13 +213,12 @@ void with_option_mask(uint32_t mask, Fn&& fn) {
   fn(std::integral_constant<uint32_t, kMask>{});
 }
 
-// The one implementation of every algorithm's op: reads the arguments the declaration names, picks the kernel
-// for the options given and the params' dtype, and runs it on the device's Runner. Boxed: see TensorSpan.
-template <class A, class Runner>
-void step_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+// The arguments the declaration names: the options as a mask, the state lists the options use, the scalars.
+template <class A>
+StepInputs step_inputs(const c10::OperatorHandle& op, torch::jit::Stack& stack, uint32_t& mask) {
   using D = Declared<A>;
-  const BoxedArgs a(op, *stack);
-  uint32_t mask = 0;
+  const BoxedArgs a(op, stack);
+  mask = 0;
   for (size_t k = 0; k < A::kOptions.size(); ++k) mask |= uint32_t(a.flag(A::kOptions[k])) << k;
   StepInputs inputs = a.inputs(A::kOp, int64_t(A::kHyper.size()), D::momentum_slot());
   for (size_t k = 0; k < A::kStates.size(); ++k) {
@@ -196,16 +229,36 @@ void step_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     if (used) inputs.states.push_back(list);
   }
   for (const std::string_view name : A::kScalars) inputs.scalars.push_back(a.tensors(name));
-  PreparedStep prepared = prepare_step(inputs);
-  if (!prepared.empty) {
-    with_option_mask<int(A::kOptions.size())>(mask, [&](auto flags) {
-      run_for_dtype<Runner>(prepared, [](auto math) {
-        return TypeTag<typename A::template Rule<typename decltype(math)::type, decltype(flags)::value>>{};
-      });
+  return inputs;
+}
+
+// The kernel for the options given and the params' dtype, on the device's Runner; the dense copies written back.
+template <class A, class Runner>
+void run_prepared(PreparedStep& prepared, uint32_t mask) {
+  if (prepared.empty) return;
+  with_option_mask<int(A::kOptions.size())>(mask, [&](auto flags) {
+    run_for_dtype<Runner>(prepared, [](auto math) {
+      return TypeTag<typename A::template Rule<typename decltype(math)::type, decltype(flags)::value>>{};
     });
-    finish_step(prepared);
-  }
-  a.done();
+  });
+  finish_step(prepared);
+}
+
+// The one implementation of every algorithm's op. Boxed: see TensorSpan.
+template <class A, class Runner>
+void step_boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  uint32_t mask = 0;
+  const StepInputs inputs = step_inputs<A>(op, *stack, mask);
+  PreparedStep prepared = prepare_step(inputs);
+  run_prepared<A, Runner>(prepared, mask);
+  BoxedArgs(op, *stack).done();
+}
+
+// Registers step_boxed's parts for the cached calls of Runner's device type.
+template <class A, class Runner>
+bool add_direct_step_for(c10::DeviceType device) {
+  add_direct_step(A::kOp, device, DirectStep{&step_inputs<A>, &run_prepared<A, Runner>});
+  return true;
 }
 
 }  // namespace fusedopt

@@ -72,8 +72,9 @@ def spec(op_name):
 
 
 def cached_call(op_name, args, grad_sources):
-    """The op call `op_name(**args)`, converted once; `.run({name: value})` repeats it with fresh grads and
-    the named arguments replaced."""
+    """The op call `op_name(**args)`, converted once. Per step: `.prepare()` walks its tensors once (False: the
+    plan no longer fits them), `.run({name: value})` then runs each call of the step with the named arguments
+    replaced, and `.release()` lets go of the step's grads."""
     return _C.CachedCall(op_name, dict(args), list(grad_sources))
 
 
@@ -82,10 +83,10 @@ def check_grads(name, params):
     _C.check_grads(name, params)
 
 
-def plan_guard(containers, params, states, scalars, views):
-    """fusedopt._C.PlanGuard: `.unchanged()` is True while the containers hold the same objects and each
-    param's state tensors still match it (see csrc/plan_guard.cpp)."""
-    return _C.PlanGuard(list(containers), list(params), list(states), list(scalars), list(views))
+def plan_guard(containers, views):
+    """fusedopt._C.PlanGuard: `.unchanged()` is True while the containers hold the same objects and each real
+    view still views its source (see csrc/plan_guard.cpp)."""
+    return _C.PlanGuard(list(containers), list(views))
 
 
 def param_rounding_modes():

@@ -110,12 +110,19 @@ class _Plan:
                     for g, params, size in zip(groups, self.group_params, self.group_sizes))
             and [optimizer._option_values(group) for group in groups] == self.options
             # in C++: the param lists, optimizer.state and every planned state dict hold the same objects as
-            # when the plan was built, and each state tensor still matches its param
+            # when the plan was built
             and self.guard.unchanged()
-            # in C++, every launch before any runs: True when each param has a grad, raises on an unusable one
-            and all(launch.cached.grads_ready() for launch in self.launches)
             and _ops.none_has_grad(self.without_grad)
         )
+
+    def prepare(self):
+        """Every launch's one pass over its tensors (C++), all before any launch runs: False when a tensor no
+        longer fits its launch (a param lost its grad, or changed dtype, device or shape in place)."""
+        return all(launch.cached.prepare() for launch in self.launches)
+
+    def release(self):
+        for launch in self.launches:
+            launch.cached.release()
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -371,7 +378,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                         self.low_precision.launch_rounding(param_dtype, state_dtype))
             launches[key].add(row.group_index, param, states, scalars, row.fresh, extra)
             buffers = [t for t in states if t is not None] + ([extra] if extra is not None else [])
-            watched.add(row, state, buffers, scalars, launches[key])
+            watched.add(row, state, buffers, launches[key])
         plan.launches = list(launches.values())
         plan.guard = watched.guard()
         for launch in plan.launches:
@@ -482,10 +489,25 @@ class FusedOptimizer(torch.optim.Optimizer):
             plan = self._plan = self._build_plan()
         return plan
 
+    def _prepared_plan(self):
+        """The current plan with every launch's tensors checked and tabled for this step (release it after)."""
+        plan = self._current_plan()
+        if plan.prepare():
+            return plan
+        plan.release()
+        plan = self._plan = self._build_plan()  # raises, as torch would, on a grad it cannot use
+        if not plan.prepare():
+            plan.release()
+            raise RuntimeError(f"{type(self).__name__}: a new launch plan does not fit its own tensors "
+                               "(a fusedopt bug: please report it)")
+        return plan
+
     def _op_invocations(self):
         """(op, args) of the calls the next step() makes, with state created as step() would create it."""
         with torch.no_grad():
-            return [(_ops.op(self._op_name), self._op_arguments(launch)) for launch in self._current_plan().launches]
+            plan = self._prepared_plan()
+            plan.release()
+            return [(_ops.op(self._op_name), self._op_arguments(launch)) for launch in plan.launches]
 
     def _calls(self, plan, scaling):
         """(launch, phases) in the order this step runs them. Without a scaler's in-step check and without
@@ -543,17 +565,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             schedule = getattr(self, "_device_schedule", None)
             if schedule is not None:
                 schedule._reinstall_lr_views()
-            plan = self._current_plan()
-            scaling = self._scaling(plan, grad_scaler)
-            for launch, phases in self._calls(plan, scaling):
-                grad_scale, skip_if, found_inf = scaling[launch.device]
-                hyper, lrs = self._group_arguments(launch)
-                launch.cached.run({
-                    "hyper": hyper, "lrs": lrs, "grad_scale": grad_scale, "skip_if": skip_if,
-                    "found_inf": found_inf, "max_grad_norm": float(self.max_grad_norm or 0.0), "phases": phases,
-                    "grad_stats": _distributed.grad_stats(plan, launch, phases, self._grad_stats[launch.device],
-                                                          REDUCE_GRADS),
-                })
+            plan = self._prepared_plan()
+            try:
+                scaling = self._scaling(plan, grad_scaler)
+                for launch, phases in self._calls(plan, scaling):
+                    grad_scale, skip_if, found_inf = scaling[launch.device]
+                    hyper, lrs = self._group_arguments(launch)
+                    launch.cached.run({
+                        "hyper": hyper, "lrs": lrs, "grad_scale": grad_scale, "skip_if": skip_if,
+                        "found_inf": found_inf, "max_grad_norm": float(self.max_grad_norm or 0.0),
+                        "phases": phases,
+                        "grad_stats": _distributed.grad_stats(plan, launch, phases,
+                                                              self._grad_stats[launch.device], REDUCE_GRADS),
+                    })
+            finally:
+                plan.release()
             for launch in plan.launches:
                 if self._state_created_per_key and any(launch.fresh_state):
                     launch.fresh_state = [0] * len(launch.params)  # torch's buffers exist from now on
