@@ -413,8 +413,11 @@ void begin_prepare(const StepInputs& in, PreparedStep& prepared) {
 // Every tensor checked (check_entry) and its table entry compared, rewritten where it differs. Entries are
 // rewritten in place; a throw or a misfit leaves the table as it was or marked incomplete, and the params and
 // state untouched. False: a tensor does not fit the launch (OnMisfit::kReport).
+// Flattened: the TensorImpl accessors it calls per tensor (device, layout, sizes, contiguity, data) are inline
+// in torch's headers but too large for the compiler to inline by itself, and five out-of-line calls per tensor
+// were a third of a stable step's host time.
 template <OnMisfit kOn, GradsFrom kFrom>
-bool tensor_pass(const StepInputs& in, const LaunchKey& key, PreparedStep& prepared) {
+__attribute__((flatten)) bool tensor_pass(const StepInputs& in, const LaunchKey& key, PreparedStep& prepared) {
   const int64_t n = in.params.size();
   TableView table = prepared.host;
   int64_t group = 0;
