@@ -101,7 +101,8 @@ class CachedCall {
   // of another dtype, device or shape): the plan is rebuilt, and the rebuild raises where torch would.
   bool prepare() {
     release();
-    if (step_ == nullptr) return grads_ready();  // no kernel for this device here: the dispatcher says so
+    // No kernel for this device here: the op is called through the dispatcher (dispatch), which says so.
+    if (step_ == nullptr) return ready_ = gather_grads();
     if (!direct_ && !gather_grads()) return false;
     uint32_t mask = 0;
     ready_ = prepare_tensors(step_inputs(mask), direct_ ? GradsFrom::kParams : GradsFrom::kList, key_, prepared_);
@@ -116,8 +117,8 @@ class CachedCall {
       const size_t index = argument_index(py::cast<std::string>(name).c_str());
       stack_[index] = torch::jit::toIValue(value, arguments[index].real_type());
     }
-    if (step_ == nullptr) return dispatch();
     TORCH_CHECK(ready_, "fusedopt.CachedCall.run: prepare() has not succeeded for this step");
+    if (step_ == nullptr) return dispatch();
     RECORD_FUNCTION(op_.schema().name().c_str(), std::vector<c10::IValue>());
     uint32_t mask = 0;
     const StepInputs inputs = step_inputs(mask);
@@ -133,7 +134,7 @@ class CachedCall {
   void release() {
     ready_ = false;
     prepared_ = PreparedStep{};
-    if (!direct_) stack_[grads_index_] = c10::List<at::Tensor>();
+    if (!direct_ || step_ == nullptr) stack_[grads_index_] = c10::List<at::Tensor>();
   }
 
  private:
@@ -146,7 +147,7 @@ class CachedCall {
   StepInputs step_inputs(uint32_t& mask) { return step_->inputs(op_, stack_, mask); }
 
   // The grads list of a call whose kernel params are views or local shards of the params (complex params,
-  // DTensor): false when a param has no usable gradient.
+  // DTensor), or that runs through the dispatcher: false when a param has no usable gradient.
   bool gather_grads() {
     c10::List<at::Tensor> grads;
     grads.reserve(grad_sources_.size());
@@ -161,22 +162,9 @@ class CachedCall {
     return true;
   }
 
-  // Without a kernel for the device in this build: whether every param has a gradient, as the op is then called
-  // through the dispatcher (dispatch), which raises for the missing kernel.
-  bool grads_ready() const {
-    for (size_t i = 0; i < grad_sources_.size(); ++i) {
-      const at::Tensor& grad = grad_of(grad_sources_[i]);
-      if (!grad.defined()) return false;
-      if (!grad_usable(grad_sources_[i], grad)) TORCH_CHECK(false, "fusedopt: ", grad_problem(grad_sources_[i], grad));
-    }
-    return true;
-  }
-
+  // The op through the dispatcher, with the grads prepare() gathered.
   void dispatch() {
-    c10::List<at::Tensor> grads;
-    for (const at::Tensor& source : grad_sources_) grads.push_back(kernel_grad(grad_of(source)));
     torch::jit::Stack stack = stack_;
-    stack[grads_index_] = std::move(grads);
     py::gil_scoped_release no_gil;
     op_.callBoxed(stack);
   }
