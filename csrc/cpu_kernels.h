@@ -65,8 +65,10 @@ using StoredSumFn = void (*)(const TensorEntry& entry, const ElementStore& store
 // table and branches on them per register: its AVX-512 AdamW loop is 2.5x the instructions and 5x the vector
 // stack accesses of the fixed one, and on a 2-core Intel Xeon (bf16, 10 x 2^20 elements, 2 threads) SGD momentum
 // with stochastic rounding, which moves no extra byte, took 1.46x round-to-nearest's step time there against
-// 1.18x here; Kahan AdamW 1.40x against 1.23x. Any other layout (fp16, fp32 params with low-precision state, ...)
-// runs the general kernel. Named for the tests, which read which kernel ran by these names (_stored_launches).
+// 1.18x here; Kahan AdamW 1.40x against 1.23x. fp16 has one: stochastic rounding, whose rounding and hashes are
+// the most work per register of any mode. Any other layout (fp16's other modes, fp32 params with low-precision
+// state, ...) runs the general kernel. Named for the tests, which read which kernel ran by these names
+// (_stored_launches).
 struct StoredLayout {
   std::string_view name;
   StoragePolicy policy;  // {stored, rounding, param_type, state_type, has_master, has_kahan}
@@ -77,6 +79,7 @@ inline constexpr StoredLayout kFixedLayouts[] = {
     {"master", {1, kNearest, kStoredBFloat16, kStoredBFloat16, 1, 0}},
     {"master+stochastic", {1, kStochastic, kStoredBFloat16, kStoredBFloat16, 1, 0}},
     {"fp32-state", {1, kNearest, kStoredBFloat16, kStoredFloat, 0, 0}},
+    {"stochastic-fp16", {1, kStochastic, kStoredHalf, kStoredHalf, 0, 0}},
 };
 // Kernel slot 0 is the general kernel, slot 1 + j the kernel of kFixedLayouts[j].
 inline constexpr int kStoredSlots = 1 + int(sizeof(kFixedLayouts) / sizeof(kFixedLayouts[0]));

@@ -126,29 +126,25 @@ C10_HOST_DEVICE inline uint32_t random_bits(const RandomKey& key, int64_t i) {
   return mix32(uint32_t(i) ^ (high == 0 ? key.folded : key.low ^ mix32(key.high ^ high)));
 }
 
-// The 16 random bits bf16's rounding consumes for element i (it drops 16 bits): elements 2j and 2j + 1 take the
-// low and high halves of draw j: half as many hashes as a draw per element, and read as 16-bit words the draws
-// of pairs j, j + 1, ... are the bits of elements 2j, 2j + 1, ... in order, so a vector kernel spreads them by
-// zero-extending words. fp16 keeps a draw per element (its rounding compares 24 bits).
+// The 16 random bits the stochastic rounding of element i consumes, bf16 and fp16 alike: elements 2j and 2j + 1
+// take the low and high halves of draw j: half as many hashes as a draw per element, and read as 16-bit words
+// the draws of pairs j, j + 1, ... are the bits of elements 2j, 2j + 1, ... in order, so a vector kernel spreads
+// them by zero-extending words. 16 bits is the resolution of both roundings' probabilities (bf16 drops 16 bits;
+// fp16, which drops 13 or more, compares the word as a fraction of one).
 C10_HOST_DEVICE inline uint32_t random_bits16(const RandomKey& key, int64_t i) {
   return (random_bits(key, i >> 1) >> (uint32_t(i & 1) * 16u)) & 0xffffu;
 }
 
-// The random bits the rounding of an element of storage `type` consumes.
-C10_HOST_DEVICE inline uint32_t rounding_bits(const RandomKey& key, int64_t i, int32_t type) {
-  return type == kStoredBFloat16 ? random_bits16(key, i) : random_bits(key, i);
-}
-
 // ---- Rounding fp32 to a low-precision type ----
 
-// bf16 keeps the top 16 bits of an fp32: adding 16 random bits below them and truncating rounds up with
+// bf16 keeps the top 16 bits of an fp32: adding the 16 random bits below them and truncating rounds up with
 // probability (dropped bits) / 2^16, i.e. proportional to the distance to the lower neighbour (a value above
 // bf16's largest finite one may round up to inf, as it would to nearest past the midpoint). inf stays inf, NaN
 // converts as to nearest.
-C10_HOST_DEVICE inline c10::BFloat16 stochastic_bfloat16(float value, uint32_t random) {
+C10_HOST_DEVICE inline c10::BFloat16 stochastic_bfloat16(float value, uint32_t word) {
   if (value != value) return c10::BFloat16(value);  // NaN: the payload must not carry into the sign
   const uint32_t bits = float_to_bits(value);  // inf + (< 2^16) truncates back to inf
-  const uint32_t rounded = (bits + (random & 0xffffu)) & 0xffff0000u;
+  const uint32_t rounded = (bits + (word & 0xffffu)) & 0xffff0000u;
   return c10::BFloat16(uint16_t(rounded >> 16), c10::BFloat16::from_bits());
 }
 
@@ -161,32 +157,36 @@ C10_HOST_DEVICE inline uint16_t half_step(uint16_t bits, bool larger) {
   return (larger != negative) ? uint16_t(bits + 1) : uint16_t(bits - 1);
 }
 
-// fp16 has a variable spacing (subnormals), so round through the two neighbours: lo <= value <= hi, up with
-// probability (value - lo) / (hi - lo), compared with 24 random bits as a fraction of one. fp32 division is
-// correctly rounded on the CPU and in CUDA's default mode, so both give the same choice.
-C10_HOST_DEVICE inline c10::Half stochastic_half(float value, uint32_t random) {
+// fp16 has a variable spacing (subnormals), so round through the two neighbours low < value < high: up with
+// probability (value - low) / (high - low), compared with the 16 random bits as a fraction of one. The quotient is
+// exact (the step is a power of two, and value - low is exact but for a negative value of magnitude below 2^-25,
+// where the fp32 subtraction rounds the same on the CPU and in CUDA). A value past the largest finite one but
+// short of the overflow threshold (65504 < |value| < 65520) has inf as its far neighbour, at no finite distance:
+// it rounds to +-65504, as to nearest.
+C10_HOST_DEVICE inline c10::Half stochastic_half(float value, uint32_t word) {
   const c10::Half nearest(value);
   const float near_value = float(nearest);
   if (near_value == value || value != value || near_value - near_value != 0.0f) return nearest;
-  const uint16_t near_bits = nearest.x;
   const bool nearest_is_low = near_value < value;
-  const c10::Half other(half_step(near_bits, nearest_is_low), c10::Half::from_bits());
-  const float low = nearest_is_low ? near_value : float(other);
-  const float high = nearest_is_low ? float(other) : near_value;
+  const c10::Half other(half_step(nearest.x, nearest_is_low), c10::Half::from_bits());
+  const float other_value = float(other);
+  if (other_value - other_value != 0.0f) return nearest;
+  const float low = nearest_is_low ? near_value : other_value;
+  const float high = nearest_is_low ? other_value : near_value;
   const float up = (value - low) / (high - low);
-  const float uniform = float(random >> 8) * (1.0f / 16777216.0f);
-  return uniform < up ? (nearest_is_low ? other : nearest) : (nearest_is_low ? nearest : other);
+  const bool to_high = float(word & 0xffffu) * (1.0f / 65536.0f) < up;
+  return to_high == nearest_is_low ? other : nearest;
 }
 
-// Stores `value` at base[i] as `type`, rounded to nearest or stochastically with `random`.
+// Stores `value` at base[i] as `type`, rounded to nearest or stochastically with `word` (random_bits16).
 C10_HOST_DEVICE inline void store_rounded(void* base, int64_t i, int32_t type, float value, bool stochastic,
-                                          uint32_t random) {
+                                          uint32_t word) {
   switch (type) {
     case kStoredBFloat16:
-      static_cast<c10::BFloat16*>(base)[i] = stochastic ? stochastic_bfloat16(value, random) : c10::BFloat16(value);
+      static_cast<c10::BFloat16*>(base)[i] = stochastic ? stochastic_bfloat16(value, word) : c10::BFloat16(value);
       return;
     case kStoredHalf:
-      static_cast<c10::Half*>(base)[i] = stochastic ? stochastic_half(value, random) : c10::Half(value);
+      static_cast<c10::Half*>(base)[i] = stochastic ? stochastic_half(value, word) : c10::Half(value);
       return;
     default:
       static_cast<float*>(base)[i] = value;
@@ -226,14 +226,14 @@ C10_HOST_DEVICE inline void store_param(const ElementStore& store, void* param, 
   }
   const bool stochastic = policy.rounding == kStochastic;
   store_rounded(param, i, policy.param_type, value, stochastic,
-                stochastic ? rounding_bits(store.param_key, i, policy.param_type) : 0u);
+                stochastic ? random_bits16(store.param_key, i) : 0u);
 }
 
 C10_HOST_DEVICE inline void store_state(const ElementStore& store, void* state, int k, int64_t i, float value) {
   const StoragePolicy& policy = store.policy;
   const bool stochastic = policy.rounding == kStochastic && policy.state_type != kStoredFloat;
   store_rounded(state, i, policy.state_type, value, stochastic,
-                stochastic ? rounding_bits(store.state_keys[k], i, policy.state_type) : 0u);
+                stochastic ? random_bits16(store.state_keys[k], i) : 0u);
 }
 
 // The streams of tensor `tensor` in the launch that reads rng = [seed, counter] (nullptr: no stochastic rounding).

@@ -6,6 +6,7 @@ every instruction set, so each variant must match the baseline ("default") one b
 state buffer, over many steps, on tensors whose sizes leave partial registers and span several chunks.
 """
 import glob
+import math
 import os
 import shutil
 import subprocess
@@ -170,16 +171,18 @@ def test_stored_path_variants_match_default_bit_for_bit(entry, opt_id, mode, res
     assert_variants_match_default(entry, {**entry.option_sets[opt_id], **options}, dtype)
 
 
-# The stored path's fixed-layout kernels (csrc/cpu_kernels.h: kFixedLayouts, the bf16 modes a user names) against
-# its general kernel, which reads the same layout from the table: the same bits, in every variant. Per mode: its
-# options and the name of the kernel that serves it (kFixedLayouts' names; "general" is the general kernel).
+# The stored path's fixed-layout kernels (csrc/cpu_kernels.h: kFixedLayouts, the modes a user names) against its
+# general kernel, which reads the same layout from the table: the same bits, in every variant. Per mode: its
+# options, the params' dtype and the name of the kernel that serves it (kFixedLayouts' names; "general" is the
+# general kernel).
 FIXED_LAYOUTS = {
-    "stochastic-bf16": ({"param_rounding": "stochastic", "seed": 5}, "stochastic"),
-    "kahan-bf16": ({"param_rounding": "kahan"}, "kahan"),
-    "master-bf16": ({"master_weights": True}, "master"),
+    "stochastic-bf16": ({"param_rounding": "stochastic", "seed": 5}, torch.bfloat16, "stochastic"),
+    "kahan-bf16": ({"param_rounding": "kahan"}, torch.bfloat16, "kahan"),
+    "master-bf16": ({"master_weights": True}, torch.bfloat16, "master"),
     "master-stochastic-bf16": ({"master_weights": True, "param_rounding": "stochastic", "seed": 5},
-                               "master+stochastic"),
-    "fp32-state-bf16": ({"state_dtype": torch.float32}, "fp32-state"),
+                               torch.bfloat16, "master+stochastic"),
+    "fp32-state-bf16": ({"state_dtype": torch.float32}, torch.bfloat16, "fp32-state"),
+    "stochastic-fp16": ({"param_rounding": "stochastic", "seed": 5}, torch.float16, "stochastic-fp16"),
 }
 
 
@@ -189,12 +192,12 @@ def restore_layouts():
     ops()._set_fixed_layouts(True)
 
 
-def run_stored(variant, fixed, entry, kwargs):
-    """run_with_variant on bf16 params with the fixed-layout kernels on or off, and the stored-path launches each
-    kernel slot ran meanwhile."""
+def run_stored(variant, fixed, entry, kwargs, dtype):
+    """run_with_variant on `dtype` params with the fixed-layout kernels on or off, and the stored-path launches
+    each kernel slot ran meanwhile."""
     ops()._set_fixed_layouts(fixed)
     before = ops()._stored_launches()
-    opt, params = run_with_variant(variant, entry, kwargs, torch.bfloat16)
+    opt, params = run_with_variant(variant, entry, kwargs, dtype)
     after = ops()._stored_launches()
     return opt, params, {name: after[name] - before[name] for name in after if after[name] != before[name]}
 
@@ -202,11 +205,11 @@ def run_stored(variant, fixed, entry, kwargs):
 @pytest.mark.parametrize("mode", list(FIXED_LAYOUTS))
 @pytest.mark.parametrize("entry, opt_id", option_params(representative_only=True))
 def test_fixed_layout_kernels_match_the_general_kernel(entry, opt_id, mode, restore_variant, restore_layouts):
-    options, kernel = FIXED_LAYOUTS[mode]
+    options, dtype, kernel = FIXED_LAYOUTS[mode]
     kwargs = {**entry.option_sets[opt_id], **options}
     for variant in available():
-        ref_opt, ref_params, general = run_stored(variant, False, entry, kwargs)
-        opt, params, fixed = run_stored(variant, True, entry, kwargs)
+        ref_opt, ref_params, general = run_stored(variant, False, entry, kwargs, dtype)
+        opt, params, fixed = run_stored(variant, True, entry, kwargs, dtype)
         assert list(general) == ["general"] and general["general"] > 0, f"{variant}: launches {general}"
         assert fixed == {kernel: general["general"]}, f"{variant}: expected every launch in {kernel}, got {fixed}"
         assert_identical_runs(opt, params, ref_opt, ref_params, f"{variant}, fixed layout {mode}", "the general kernel")
@@ -220,7 +223,8 @@ def _edge_problem(dtype):
     info = torch.finfo(dtype)
     big, tiny = float(info.max), float(info.smallest_normal)
     fixed = [(0.0, -tiny / 8), (-0.0, tiny / 8), (0.0, 0.0), (-0.0, 0.0), (tiny, tiny / 3), (-tiny, -tiny / 5),
-             (big, -big / 2**13), (big, -big / 2**12), (-big, big / 2**11), (big, -big / 2**9), (big, -big),
+             (big, -big / 2**13), (-big, big / 2**13), (big, -big / 2**12), (-big, big / 2**11), (big, -big / 2**9),
+             (big, -big),
              (1.0, -1e-3), (-1.0, 1e-3), (float("nan"), 0.0), (float("inf"), 1.0), (float("-inf"), -1.0),
              (1.0, float("nan"))]
     params = [torch.tensor([p for p, _ in fixed])]
@@ -257,6 +261,58 @@ def test_stochastic_rounding_of_edge_values_matches_default(dtype_id, restore_va
             differ = ((bits(got) != bits(want)).nonzero().flatten() // got.element_size()).unique()  # elements
             assert differ.numel() == 0, (f"{variant}, step {step}: elements {differ[:8].tolist()} differ: "
                                          f"{got[differ[:8]].tolist()} vs {want[differ[:8]].tolist()}")
+
+
+def _fp32_values_across_fp16():
+    """fp32 values with random 23-bit mantissas and both signs at every exponent fp16's stochastic rounding treats
+    apart (below its subnormals' 2^-24 spacing, through them, its normal range, past its largest finite value),
+    and the boundaries themselves with their fp32 neighbours."""
+    gen = torch.Generator().manual_seed(3)
+    exponents = torch.arange(-30, 18, dtype=torch.float64).repeat_interleave(96)
+    mantissas = 1 + torch.randint(0, 2**23, exponents.shape, generator=gen, dtype=torch.float64) / 2**23
+    signs = torch.randint(0, 2, exponents.shape, generator=gen, dtype=torch.float64) * 2 - 1
+    spread = (signs * mantissas * 2**exponents).float()
+    edges = torch.tensor([2.0**-25, 2.0**-24, 2.0**-14, 65504.0, 65512.0, 65520.0, 65536.0, 1.0, 0.0,
+                          float("inf"), float("nan")])
+    edges = torch.cat([edges, torch.nextafter(edges, torch.zeros(())), torch.nextafter(edges, edges * 2 + 1)])
+    return torch.cat([spread, edges, -edges])
+
+
+def test_stochastic_fp16_rounding_of_any_fp32_value_matches_default(restore_variant):
+    """fp32 master copies rounded stochastically into fp16 params (SGD with lr 0 leaves the master as it is): every
+    vector variant gives the baseline's bits over three steps' draws, each result is one of the value's two fp16
+    neighbours, and a value past 65504 but short of fp16's overflow threshold keeps 65504 in either sign."""
+    variants = vector_variants()
+    values = _fp32_values_across_fp16()
+
+    def rounded(variant):
+        ops()._set_cpu_variant(variant)
+        param = torch.zeros(values.shape, dtype=torch.float16, requires_grad=True)
+        opt = fusedopt.FusedSGD([param], lr=0.0, master_weights=True, param_rounding="stochastic", seed=4)
+        param.grad = torch.zeros_like(param)
+        opt.step()  # creates the master copy
+        results = []
+        for _ in range(3):
+            opt.state[param]["master_param"].copy_(values)
+            opt.step()
+            results.append(param.detach().clone())
+        return results
+
+    reference = rounded("default")
+    finite = values.abs() < 65520
+    spacing = torch.clamp(2.0 ** (torch.floor(torch.log2(values.double().abs())) - 10), min=2.0**-24)
+    for got in reference:
+        assert ((got.double() - values.double()).abs()[finite] <= spacing[finite]).all()
+        assert torch.equal(got[~finite & ~values.isnan()].double(), values[~finite & ~values.isnan()].double().sign() * math.inf)
+        assert got[values.isnan()].isnan().all()
+        past = (values.abs() > 65504) & finite
+        assert past.sum() >= 4 and torch.equal(got[past].double(), values[past].double().sign() * 65504)
+    assert not torch.equal(bits(reference[0]), bits(reference[1]))
+    for variant in variants:
+        for step, (got, want) in enumerate(zip(rounded(variant), reference)):
+            differ = (bits(got) != bits(want)).nonzero().flatten() // 2
+            assert differ.numel() == 0, (f"{variant}, step {step}: values {values[differ[:8]].tolist()} rounded to "
+                                         f"{got[differ[:8]].tolist()}, the baseline to {want[differ[:8]].tolist()}")
 
 
 def test_default_variant_is_the_best_torch_would_use():

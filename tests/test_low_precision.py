@@ -443,6 +443,18 @@ def test_stochastic_rounding_is_unbiased(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_fp16_values_past_the_largest_finite_keep_it_in_either_sign(device):
+    """Between 65504 and fp16's overflow threshold (65520) the far neighbour is inf, at no finite distance:
+    stochastic rounding keeps +-65504, as round-to-nearest does, for negative values as for positive ones."""
+    start = torch.tensor([65504.0, -65504.0]).repeat_interleave(512).to(device=device, dtype=FP16)
+    param = start.clone().requires_grad_()
+    opt = fusedopt.FusedSGD([param], lr=1.0, param_rounding="stochastic", seed=3)
+    param.grad = -start.sign() * 12  # |p| = 65516
+    opt.step()
+    assert torch.equal(param.detach(), start)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_neighbouring_elements_round_independently(device):
     """bf16 elements 2j and 2j + 1 take the two halves of one 32-bit draw (storage.h's random_bits16), and a
     vector kernel handles 16 or 32 of them at once: the roundings of neighbours at those distances must still be

@@ -48,10 +48,21 @@ C10_ALWAYS_INLINE void load_regs(const void* base, int32_t type, int64_t i, int6
 // random_bits16, stochastic_bfloat16 and c10's round-to-nearest-even on every lane, bit for bit. A rounded value
 // is kept as fp32 bits whose low half is dropped when stored: a truncating store, exact, and cheaper than
 // converting again. NaN becomes c10's quiet NaN (0x7fc0), as the scalar conversion makes it.
+// A constant every lane holds, read from memory: GCC turns set(immediate) into a move to a general register and a
+// broadcast on the vector shuffle port at every use inside a loop, which the fp16 rounding and the hash, short of
+// other ports' work, paid for; a variable it cannot fold is a broadcast load (a load port, or an operand of the
+// instruction that uses it). Mutable for that reason alone: nothing writes it.
+template <uint32_t kValue>
+struct Splat {
+  static inline uint32_t value = kValue;
+};
+
 #if defined(CPU_CAPABILITY_AVX512)
 struct IntLanes {
   using R = __m512i;
   static R set(uint32_t v) { return _mm512_set1_epi32(int32_t(v)); }
+  template <uint32_t kValue>
+  static R constant() { return _mm512_set1_epi32(int32_t(Splat<kValue>::value)); }
   static R iota() { return _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); }
   template <int kShift>
   static R xorshift(R x) { return _mm512_xor_si512(x, _mm512_srli_epi32(x, kShift)); }
@@ -65,11 +76,27 @@ struct IntLanes {
   static Vectorized<float> to_float(R x) { return _mm512_cvtepi32_ps(x); }
   template <int kShift>
   static R shift_right(R x) { return _mm512_srli_epi32(x, kShift); }
-  // The fp16 values next to v: rounded toward zero (returned) and one step further from zero (`away`).
-  static Vectorized<float> half_toward_zero(const Vectorized<float>& v, Vectorized<float>& away) {
-    const __m256i toward = _mm512_cvtps_ph(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    away = _mm512_cvtph_ps(_mm256_add_epi16(toward, _mm256_set1_epi16(1)));  // sign-magnitude: one more ulp
-    return _mm512_cvtph_ps(toward);
+  template <int kShift>
+  static R shift_left(R x) { return _mm512_slli_epi32(x, kShift); }
+  static R shift_right_by(R x, R counts) { return _mm512_srlv_epi32(x, counts); }  // per lane; >= 32 gives 0
+  static R sign_fill(R x) { return _mm512_srai_epi32(x, 31); }
+  static R xnor(R a, R b) { return _mm512_ternarylogic_epi32(a, b, b, 0xc3); }
+  static R and_not(R a, R b) { return _mm512_andnot_si512(a, b); }  // ~a & b
+  static R sub(R a, R b) { return _mm512_sub_epi32(a, b); }
+  static R min(R a, R b) { return _mm512_min_epi32(a, b); }
+  // Lane masks (signed comparisons) and the lanes they pick.
+  using M = __mmask16;
+  static M less(R a, R b) { return _mm512_cmplt_epi32_mask(a, b); }
+  static M less(const Vectorized<float>& a, const Vectorized<float>& b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static M negative(R x) { return _mm512_movepi32_mask(x); }  // the sign bit
+  // Lanes outside [kLow, kHigh]: one unsigned comparison of the distance from kLow.
+  template <uint32_t kLow, uint32_t kHigh>
+  static M outside(R x) { return _mm512_cmpgt_epu32_mask(sub(x, constant<kLow>()), constant<kHigh - kLow>()); }
+  static M differ(M a, M b) { return M(a ^ b); }
+  static bool any(M m) { return m != 0; }
+  static R pick(M m, R if_set, R if_clear) { return _mm512_mask_blend_epi32(m, if_clear, if_set); }
+  static Vectorized<float> pick(M m, const Vectorized<float>& if_set, const Vectorized<float>& if_clear) {
+    return _mm512_mask_blend_ps(m, if_clear, if_set);
   }
   // bits(value) + increment, or c10's quiet NaN where value is NaN (whose payload must not carry into the
   // sign, nor truncate to inf).
@@ -92,6 +119,8 @@ struct IntLanes {
 struct IntLanes {
   using R = __m256i;
   static R set(uint32_t v) { return _mm256_set1_epi32(int32_t(v)); }
+  template <uint32_t kValue>
+  static R constant() { return _mm256_set1_epi32(int32_t(Splat<kValue>::value)); }
   static R iota() { return _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0); }
   template <int kShift>
   static R xorshift(R x) { return _mm256_xor_si256(x, _mm256_srli_epi32(x, kShift)); }
@@ -105,10 +134,30 @@ struct IntLanes {
   static Vectorized<float> to_float(R x) { return _mm256_cvtepi32_ps(x); }
   template <int kShift>
   static R shift_right(R x) { return _mm256_srli_epi32(x, kShift); }
-  static Vectorized<float> half_toward_zero(const Vectorized<float>& v, Vectorized<float>& away) {
-    const __m128i toward = _mm256_cvtps_ph(v, _MM_FROUND_TO_ZERO);
-    away = _mm256_cvtph_ps(_mm_add_epi16(toward, _mm_set1_epi16(1)));
-    return _mm256_cvtph_ps(toward);
+  template <int kShift>
+  static R shift_left(R x) { return _mm256_slli_epi32(x, kShift); }
+  static R shift_right_by(R x, R counts) { return _mm256_srlv_epi32(x, counts); }
+  static R sign_fill(R x) { return _mm256_srai_epi32(x, 31); }
+  static R xnor(R a, R b) { return _mm256_xor_si256(_mm256_xor_si256(a, b), set(0xffffffffu)); }
+  static R and_not(R a, R b) { return _mm256_andnot_si256(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_epi32(a, b); }
+  static R min(R a, R b) { return _mm256_min_epi32(a, b); }
+  using M = __m256i;  // all ones in a set lane
+  static M less(R a, R b) { return _mm256_cmpgt_epi32(b, a); }
+  static M less(const Vectorized<float>& a, const Vectorized<float>& b) {
+    return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LT_OQ));
+  }
+  static M negative(R x) { return sign_fill(x); }
+  template <uint32_t kLow, uint32_t kHigh>  // unsigned, as signed lanes with the sign bit flipped
+  static M outside(R x) {
+    return _mm256_cmpgt_epi32(xor_lanes(sub(x, constant<kLow>()), constant<0x80000000u>()),
+                              constant<(kHigh - kLow) ^ 0x80000000u>());
+  }
+  static M differ(M a, M b) { return _mm256_xor_si256(a, b); }
+  static bool any(M m) { return !_mm256_testz_si256(m, m); }
+  static R pick(M m, R if_set, R if_clear) { return _mm256_blendv_epi8(if_clear, if_set, m); }
+  static Vectorized<float> pick(M m, const Vectorized<float>& if_set, const Vectorized<float>& if_clear) {
+    return _mm256_blendv_ps(if_clear, if_set, _mm256_castsi256_ps(m));
   }
   static R add_or_quiet_nan(const Vectorized<float>& value, R increment) {
     const __m256 nan = _mm256_cmp_ps(value, value, _CMP_UNORD_Q);
@@ -147,15 +196,15 @@ C10_ALWAYS_INLINE void store_rounded_bits(c10::BFloat16* to, int64_t count, cons
 C10_ALWAYS_INLINE IntLanes::R random_lanes(const RandomKey& key, int64_t index) {
   using V = IntLanes;
   V::R x = V::xor_lanes(V::add(V::set(uint32_t(index)), V::iota()), V::set(key.folded));
-  x = V::mul(V::xorshift<16>(x), V::set(0x85ebca6bu));  // storage.h's mix32
-  x = V::mul(V::xorshift<13>(x), V::set(0xc2b2ae35u));
+  x = V::mul(V::xorshift<16>(x), V::constant<0x85ebca6bu>());  // storage.h's mix32
+  x = V::mul(V::xorshift<13>(x), V::constant<0xc2b2ae35u>());
   return V::xorshift<16>(x);
 }
 #endif
 
-// ---- The random words of stochastic bf16 rounding ----
+// ---- The random words of stochastic rounding ----
 
-// One step's random bits for the bf16 elements [first, first + kStepWidth) of one buffer, as 16-bit words
+// One step's random bits for the bf16 or fp16 elements [first, first + kStepWidth) of one buffer, as 16-bit words
 // zero-extended in integer lanes: storage.h's random_bits16(key, element) for each. One hash per two elements:
 // the draws of pairs first / 2 + lane, whose 16-bit words are the elements' random bits in order.
 struct Words {
@@ -166,7 +215,7 @@ struct Words {
 
 // Whether a step starting at element `first` draws its words in integer lanes: an even first element (pairs line
 // up with the words) and pairs below 2^32 (past that the draws mix in the index's high word). Otherwise its
-// stochastic bf16 stores draw per element (the scalar path).
+// stochastic stores draw per element (the scalar path).
 C10_ALWAYS_INLINE bool lane_draws_at(int64_t first) {
 #if defined(FUSEDOPT_INT_LANES)
   return (first & 1) == 0 && (((first >> 1) + kLanes) >> 32) == 0;
@@ -203,53 +252,69 @@ C10_ALWAYS_INLINE void store_stochastic_bfloat16(c10::BFloat16* to, int64_t coun
 }
 
 #if defined(FUSEDOPT_INT_LANES)
-// storage.h's stochastic_half(v, random) on every lane, with the same choices, so the same bits: the two fp16
-// neighbours (rounded toward zero, and one step away from it: the pair its nearest rounding and half_step pick),
-// up when 24 random bits as a fraction of one, `uniform`, fall below (v - low) / (high - low). That quotient is
-// exact: high - low is one fp16 step, a power of two, and v - low is exact (the two are within a factor of two,
-// or low is 0). So uniform < quotient is uniform * |high - low| < |v - low|, both products exact, without the
-// division that made this the kernel's bottleneck (a divide per register; magnitudes, as -0.0's neighbours
-// differ by a negative step). An fp16 value picks itself (up is 0, or 1 below zero); past fp16's range the
-// nearest value is inf, which storage.h returns; NaN becomes c10's quiet NaN. The result is an fp16 value, so
-// the store's nearest conversion keeps it.
-C10_ALWAYS_INLINE Vectorized<float> stochastic_half_lanes(const Vectorized<float>& v, IntLanes::R random) {
+// The lanes of stochastic_half_lanes below whose magnitude bits `a` lie outside fp16's grid rule: below 2^-24
+// (the neighbours 0 and 2^-24) and above 65504 (65504, inf, NaN). They are rare in training (the kernel tests
+// for any before coming here); the choice is storage.h's quotient test on floats, scaled by 2^24 and 2^48 so
+// every term is exact as there (16777216 - x is the scalar's rounded subtraction, scaled).
+C10_ALWAYS_INLINE IntLanes::R half_outliers(const Vectorized<float>& v, IntLanes::R r, IntLanes::R a,
+                                            IntLanes::M negative, IntLanes::R rounded) {
+  using V = IntLanes;
   using F = Vectorized<float>;
-  F away;
-  const F toward = IntLanes::half_toward_zero(v, away);
-  const F negative = v < F(0.0f);
-  const F low = F::blendv(toward, away, negative);
-  const F high = F::blendv(away, toward, negative);
-  const F uniform = IntLanes::to_float(IntLanes::shift_right<8>(random)) * F(1.0f / 16777216.0f);
-  const F sign = v & F(-0.0f);
-  F result = F::blendv(low, high, uniform * (high - low).abs() < (v - low).abs());
-  result = F::blendv(result, F(std::numeric_limits<float>::infinity()) | sign, v.abs() >= F(65520.0f));
-  return F::blendv(result, F(std::numeric_limits<float>::quiet_NaN()) | sign, v.isnan());
+  const V::R sign = V::and_not(V::constant<0x7fffffffu>(), V::bits(v));
+  const F x = v.abs() * F(281474976710656.0f);  // |v| * 2^48: the distance to 0 in 2^-48 units (< 2^24 here)
+  const F threshold = V::pick(negative, F(16777216.0f) - x, x);
+  const V::M up = V::differ(V::less(V::to_float(V::shift_right<8>(r)), threshold), negative);  // away from 0
+  const V::R tiny = V::add(sign, V::pick(up, V::constant<0x33800000u>(), V::constant<0u>()));
+  const V::R huge = V::pick(V::less(V::constant<0x7f800000u>(), a), V::constant<0x7fc00000u>(),  // NaN: c10's quiet NaN
+                            V::pick(V::less(a, V::constant<0x477ff000u>()), V::constant<0x477fe000u>(), V::constant<0x7f800000u>()));
+  rounded = V::pick(V::less(a, V::constant<0x33800000u>()), tiny, rounded);
+  return V::pick(V::less(V::constant<0x477fe000u>(), a), V::add(sign, huge), rounded);
+}
+
+// storage.h's stochastic_half(v, word) on every lane, bit for bit, in integer lanes: with r = word << 16 (the
+// scalar's uniform is r / 2^32), the quotient test against the neighbours is a carry. The fp16 grid keeps the
+// fp32 value's top bits but its lowest d mantissa bits (d = 13 for fp16's normal range; below 2^-14, where fp16's
+// spacing stays 2^-24, d = 126 - the fp32 exponent field, up to 23 at 2^-24); the value rounds away from zero
+// iff r's top d bits, negated for a positive value (whose test is r < dropped bits), carry out of the dropped
+// bits when added to them. Clearing them then leaves the chosen fp16 value exactly, which the store converts
+// unchanged. A carry into the exponent is the next binade's first value, as it should be; lanes outside that
+// rule (below 2^-24, above 65504) go to half_outliers. Against the two-neighbour float form this replaced (two
+// conversions each way and five blends), about half the operations per register.
+C10_ALWAYS_INLINE Vectorized<float> stochastic_half_lanes(const Vectorized<float>& v, IntLanes::R word) {
+  using V = IntLanes;
+  const V::R r = V::shift_left<16>(word);
+  const V::R b = V::bits(v), a = V::and_lanes(b, V::constant<0x7fffffffu>());
+  const V::M negative = V::negative(b);
+  const V::R kept = V::min(V::sub(V::shift_right<23>(a), V::constant<94u>()), V::constant<19u>());  // 32 - d
+  const V::R increment = V::shift_right_by(V::xnor(r, V::sign_fill(b)), kept);   // r for negative, ~r for positive
+  V::R rounded = V::and_not(V::shift_right_by(V::constant<0xffffffffu>(), kept), V::add(b, increment));
+  const V::M outliers = V::outside<0x33800000u, 0x477fe000u>(a);
+  if (V::any(outliers)) rounded = half_outliers(v, r, a, negative, rounded);
+  return V::floats(rounded);
 }
 #endif
 
 // Stores one step's registers as fp16 elements [first, first + count), rounded stochastically with `key`'s
-// stream: storage.h's stochastic_half(value, random_bits(key, element)) (a draw per element: its rounding
-// compares 24 bits).
+// stream: storage.h's stochastic_half(value, random_bits16(key, element)), with the step's words when it drew them
+// (`words`, as for bf16), else element by element.
 template <bool kFull>
 C10_ALWAYS_INLINE void store_stochastic_half(c10::Half* to, int64_t count, const Regs& in, const RandomKey& key,
-                                             int64_t first) {
+                                             int64_t first, const Words* words) {
 #if defined(FUSEDOPT_INT_LANES)
-  if (((first + kStepWidth) >> 32) == 0) {
+  if (words != nullptr) {
     Regs rounded;
-    for (int part = 0; part < kParts; ++part) {
-      rounded[part] = stochastic_half_lanes(in[part], random_lanes(key, first + part * kLanes));
-    }
+    for (int part = 0; part < kParts; ++part) rounded[part] = stochastic_half_lanes(in[part], words->part[part]);
     Lanes<c10::Half>::template store<kFull>(to, count, rounded);
     return;
   }
 #endif
   float lanes[kStepWidth];
   for (int part = 0; part < kParts; ++part) in[part].store(lanes + part * kLanes);
-  for (int64_t j = 0; j < count; ++j) to[j] = stochastic_half(lanes[j], random_bits(key, first + j));
+  for (int64_t j = 0; j < count; ++j) to[j] = stochastic_half(lanes[j], random_bits16(key, first + j));
 }
 
-// How a store rounds: to nearest (no key), or stochastically with *key's stream, a bf16 buffer with the step's
-// words when it drew them (`words`).
+// How a store rounds: to nearest (no key), or stochastically with *key's stream, with the step's words when it
+// drew them (`words`).
 struct StoreRounding {
   const RandomKey* key = nullptr;
   const Words* words = nullptr;
@@ -268,7 +333,7 @@ C10_ALWAYS_INLINE void store_regs(void* base, int32_t type, int64_t i, int64_t c
     }
   } else if (type == kStoredHalf) {
     if (rounding.key != nullptr) {
-      store_stochastic_half<kFull>(static_cast<c10::Half*>(base) + i, count, in, *rounding.key, i);
+      store_stochastic_half<kFull>(static_cast<c10::Half*>(base) + i, count, in, *rounding.key, i, rounding.words);
     } else {
       Lanes<c10::Half>::template store<kFull>(static_cast<c10::Half*>(base) + i, count, in);
     }
@@ -351,7 +416,7 @@ C10_ALWAYS_INLINE void load_step(const TensorEntry& entry, const Policy& policy,
 }
 
 // One step of the update: kStepWidth elements (count of them valid), loaded, updated and stored in registers.
-// kLaneDraws: the step draws its stochastic bf16 words in integer lanes (lane_draws_at), before its loads and
+// kLaneDraws: the step draws its stochastic bf16/fp16 words in integer lanes (lane_draws_at), before its loads and
 // math: they depend on the index and the keys alone, and drawn at the stores they came after the rule's divide
 // and square-root chains, which left the out-of-order window no room to overlap them (bf16 AdamW, one thread of a
 // 2-core Intel Xeon: 1.47x round-to-nearest's step time, 1.30x so). A template flag, not a per-store test, so a
@@ -365,11 +430,11 @@ C10_ALWAYS_INLINE void stored_update_body(const TensorEntry& entry, const Policy
   Words words[1 + kStates];
   if (policy.rounding == kStochastic) {
     if (!policy.has_kahan) {
-      const bool drawn = kLaneDraws && policy.param_type == kStoredBFloat16;
+      const bool drawn = kLaneDraws && policy.param_type != kStoredFloat;
       if (drawn) draw_words(store.param_key, i, words[0]);
       param_rounding = {&store.param_key, drawn ? &words[0] : nullptr};
     }
-    const bool drawn = kLaneDraws && policy.state_type == kStoredBFloat16;
+    const bool drawn = kLaneDraws && policy.state_type != kStoredFloat;
     for (int k = 0; k < kStates; ++k) {
       if (drawn) draw_words(store.state_keys[k], i, words[1 + k]);
       state_rounding[k] = {&store.state_keys[k], drawn ? &words[1 + k] : nullptr};

@@ -37,6 +37,29 @@ constexpr Variant kThisVariant = kAvx2;
 constexpr Variant kThisVariant = kDefault;
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// A whole fp16 register's worth as fp32 lanes and back, half a register at a time straight from and to memory:
+// the same conversions as convert_to_float / convert_from_float (vcvtph2ps, and vcvtps2ph rounding to nearest
+// even), but a conversion reading memory needs no shuffle port, where a 512-bit load converted in registers
+// takes an extract and a shuffle-port half of each conversion, and a store no insert. The stochastic fp16 kernel,
+// whose rounding keeps that port busy, gained most.
+C10_ALWAYS_INLINE Vectorized<float> half_lanes_to_float(const c10::Half* from) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from)));
+#else
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from)));
+#endif
+}
+
+C10_ALWAYS_INLINE void store_float_as_half_lanes(c10::Half* to, const Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+#endif
+}
+#endif
+
 // How elements of a storage dtype become the vectors a rule computes on. fp32 and fp64: one register of the
 // same type. bf16 and fp16: one register of storage, converted in registers to two fp32 vectors and back with
 // round-to-nearest-even (torch's convert_to_float / convert_from_float).
@@ -68,11 +91,23 @@ struct Lanes<scalar_t, std::enable_if_t<at::vec::is_reduced_floating_point_v<sca
   static_assert(kWidth == kParts * Math::size(), "a reduced-precision register holds two fp32 registers");
   template <bool kFull>
   static void load(const scalar_t* from, int64_t count, Math (&out)[kParts]) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kFull && std::is_same_v<scalar_t, c10::Half>) {
+      for (int part = 0; part < kParts; ++part) out[part] = half_lanes_to_float(from + part * Math::size());
+      return;
+    }
+#endif
     const Stored v = kFull ? Stored::loadu(from) : Stored::loadu(from, count);
     std::tie(out[0], out[1]) = at::vec::convert_to_float<scalar_t>(v);
   }
   template <bool kFull>
   static void store(scalar_t* to, int64_t count, const Math (&in)[kParts]) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kFull && std::is_same_v<scalar_t, c10::Half>) {
+      for (int part = 0; part < kParts; ++part) store_float_as_half_lanes(to + part * Math::size(), in[part]);
+      return;
+    }
+#endif
     const Stored v = at::vec::convert_from_float<scalar_t>(in[0], in[1]);
     if constexpr (kFull) {
       v.store(to);
