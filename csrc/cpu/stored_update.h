@@ -44,10 +44,6 @@ C10_ALWAYS_INLINE void load_regs(const void* base, int32_t type, int64_t i, int6
   }
 }
 
-// bf16 rounding with the instruction set's integer lanes (shifts by an immediate, 32-bit multiplies): storage.h's
-// random_bits16, stochastic_bfloat16 and c10's round-to-nearest-even on every lane, bit for bit. A rounded value
-// is kept as fp32 bits whose low half is dropped when stored: a truncating store, exact, and cheaper than
-// converting again. NaN becomes c10's quiet NaN (0x7fc0), as the scalar conversion makes it.
 // A constant every lane holds, read from memory: GCC turns set(immediate) into a move to a general register and a
 // broadcast on the vector shuffle port at every use inside a loop, which the fp16 rounding and the hash, short of
 // other ports' work, paid for; a variable it cannot fold is a broadcast load (a load port, or an operand of the
@@ -57,6 +53,11 @@ struct Splat {
   static inline uint32_t value = kValue;
 };
 
+// bf16 and fp16 rounding with the instruction set's integer lanes (shifts, 32-bit multiplies, lane masks):
+// storage.h's random_bits16, stochastic_bfloat16, stochastic_half (stochastic_half_lanes below) and c10's
+// round-to-nearest-even on every lane, bit for bit. A rounded bf16 value
+// is kept as fp32 bits whose low half is dropped when stored: a truncating store, exact, and cheaper than
+// converting again. NaN becomes c10's quiet NaN (0x7fc0), as the scalar conversion makes it.
 #if defined(CPU_CAPABILITY_AVX512)
 struct IntLanes {
   using R = __m512i;
@@ -87,7 +88,9 @@ struct IntLanes {
   // Lane masks (signed comparisons) and the lanes they pick.
   using M = __mmask16;
   static M less(R a, R b) { return _mm512_cmplt_epi32_mask(a, b); }
-  static M less(const Vectorized<float>& a, const Vectorized<float>& b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static M less(const Vectorized<float>& a, const Vectorized<float>& b) {
+    return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ);
+  }
   static M negative(R x) { return _mm512_movepi32_mask(x); }  // the sign bit
   // Lanes outside [kLow, kHigh]: one unsigned comparison of the distance from kLow.
   template <uint32_t kLow, uint32_t kHigh>
@@ -265,8 +268,10 @@ C10_ALWAYS_INLINE IntLanes::R half_outliers(const Vectorized<float>& v, IntLanes
   const F threshold = V::pick(negative, F(16777216.0f) - x, x);
   const V::M up = V::differ(V::less(V::to_float(V::shift_right<8>(r)), threshold), negative);  // away from 0
   const V::R tiny = V::add(sign, V::pick(up, V::constant<0x33800000u>(), V::constant<0u>()));
-  const V::R huge = V::pick(V::less(V::constant<0x7f800000u>(), a), V::constant<0x7fc00000u>(),  // NaN: c10's quiet NaN
-                            V::pick(V::less(a, V::constant<0x477ff000u>()), V::constant<0x477fe000u>(), V::constant<0x7f800000u>()));
+  // NaN: c10's quiet NaN; past 65504 but short of fp16's overflow threshold (65520): 65504; else inf
+  const V::R finite = V::pick(V::less(a, V::constant<0x477ff000u>()), V::constant<0x477fe000u>(),
+                              V::constant<0x7f800000u>());
+  const V::R huge = V::pick(V::less(V::constant<0x7f800000u>(), a), V::constant<0x7fc00000u>(), finite);
   rounded = V::pick(V::less(a, V::constant<0x33800000u>()), tiny, rounded);
   return V::pick(V::less(V::constant<0x477fe000u>(), a), V::add(sign, huge), rounded);
 }
