@@ -98,6 +98,9 @@ struct IntLanes {
   static M differ(M a, M b) { return M(a ^ b); }
   static bool any(M m) { return m != 0; }
   static R pick(M m, R if_set, R if_clear) { return _mm512_mask_blend_epi32(m, if_clear, if_set); }
+  static R select_bits(R mask, R if_set, R if_clear) { return _mm512_ternarylogic_epi32(mask, if_set, if_clear, 0xca); }
+  static R load(const void* from) { return _mm512_loadu_si512(from); }
+  static void store(void* to, R x) { _mm512_storeu_si512(to, x); }
   static Vectorized<float> pick(M m, const Vectorized<float>& if_set, const Vectorized<float>& if_clear) {
     return _mm512_mask_blend_ps(m, if_clear, if_set);
   }
@@ -159,6 +162,11 @@ struct IntLanes {
   static M differ(M a, M b) { return _mm256_xor_si256(a, b); }
   static bool any(M m) { return !_mm256_testz_si256(m, m); }
   static R pick(M m, R if_set, R if_clear) { return _mm256_blendv_epi8(if_clear, if_set, m); }
+  static R select_bits(R mask, R if_set, R if_clear) {  // byte-wise: the masks used have whole bytes
+    return _mm256_blendv_epi8(if_clear, if_set, mask);
+  }
+  static R load(const void* from) { return _mm256_loadu_si256(static_cast<const __m256i*>(from)); }
+  static void store(void* to, R x) { _mm256_storeu_si256(static_cast<__m256i*>(to), x); }
   static Vectorized<float> pick(M m, const Vectorized<float>& if_set, const Vectorized<float>& if_clear) {
     return _mm256_blendv_ps(if_clear, if_set, _mm256_castsi256_ps(m));
   }
@@ -420,6 +428,103 @@ C10_ALWAYS_INLINE void load_step(const TensorEntry& entry, const Policy& policy,
   for (int k = 0; k < kStates; ++k) load_regs<kFull>(entry.state[k], policy.state_type, i, count, s[k]);
 }
 
+// The rule on each of a step's fp32 registers.
+template <typename Rule, int kSlots>
+C10_ALWAYS_INLINE void apply_rule(const Rule& rule, const Vectorized<float>& factor, Regs& p, const Regs& g,
+                                  Regs (&s)[kSlots]) {
+  constexpr int kStates = Rule::kNumStates;
+  for (int part = 0; part < kParts; ++part) {
+    Vectorized<float> st[kStates > 0 ? kStates : 1];
+    for (int k = 0; k < kStates; ++k) st[k] = s[k][part];
+    rule(p[part], g[part] * factor, st);
+    for (int k = 0; k < kStates; ++k) s[k][part] = st[k];
+  }
+}
+
+#if defined(FUSEDOPT_INT_LANES)
+// ---- Steps whose every buffer is bf16, in pairs ----
+// Such a step (bf16 params, grads and states, and Kahan's compensation; not a master copy or fp32 state) loads each
+// buffer as 32-bit lanes holding elements 2j and 2j + 1: shifted left 16 bits a lane is element 2j in fp32, its
+// high half alone element 2j + 1. Its two fp32 registers then hold the even and the odd elements rather than the
+// first and the second half, which elementwise rules do not mind, and the conversions need no shuffle: in order
+// they took an extract and two zero-extensions per load, a pack and a permute per store and three more for each
+// buffer's stochastic words, all on the one shuffle port, which bf16 AdamW's divisions and square roots also
+// use. The words fall out the same way: draw j's low half is element 2j's, its high half element 2j + 1's.
+C10_ALWAYS_INLINE void load_pairs(const void* base, int64_t i, Regs& out) {
+  using V = IntLanes;
+  const V::R x = V::load(static_cast<const c10::BFloat16*>(base) + i);
+  out[0] = V::floats(V::shift_left<16>(x));
+  out[1] = V::floats(V::and_lanes(x, V::constant<0xffff0000u>()));
+}
+
+// Even and odd elements rounded (fp32 bits whose low half is dropped), stored as the pairs they came from.
+C10_ALWAYS_INLINE void store_pairs(void* base, int64_t i, const RoundedBits& bits) {
+  using V = IntLanes;
+  V::store(static_cast<c10::BFloat16*>(base) + i,
+           V::select_bits(V::constant<0xffff0000u>(), bits[1], V::shift_right<16>(bits[0])));
+}
+
+// c10's round-to-nearest-even (bias 0x7fff plus the kept part's lowest bit), or the stochastic rounding with a
+// step's draws (`draws`, nullptr: nearest), on the even and odd registers.
+C10_ALWAYS_INLINE void round_pairs(const Regs& value, const IntLanes::R* draws, RoundedBits& out) {
+  using V = IntLanes;
+  if (draws != nullptr) {
+    out[0] = V::add_or_quiet_nan(value[0], V::and_lanes(*draws, V::constant<0xffffu>()));
+    out[1] = V::add_or_quiet_nan(value[1], V::shift_right<16>(*draws));
+    return;
+  }
+  for (int part = 0; part < kParts; ++part) {
+    out[part] = V::add_or_quiet_nan(value[part], V::add(V::high_half_parity(V::bits(value[part])),
+                                                        V::constant<0x7fffu>()));
+  }
+}
+
+template <typename Policy>
+constexpr bool all_bf16(const Policy& policy) {
+  return policy.param_type == kStoredBFloat16 && policy.state_type == kStoredBFloat16 && !policy.has_master;
+}
+
+// One whole step of an all-bf16 layout at an even element i (the draws' pairs start there): storage.h's
+// load_param / store_param / store_state per element, as stored_update_body does.
+template <typename Policy, typename Rule>
+C10_ALWAYS_INLINE void paired_bf16_step(const TensorEntry& entry, const Policy& policy, const ElementStore& store,
+                                        const Rule& rule, const Vectorized<float>& factor, int64_t i) {
+  using V = IntLanes;
+  constexpr int kStates = Rule::kNumStates;
+  const bool stochastic = policy.rounding == kStochastic;
+  V::R draws[1 + kStates];
+  if (stochastic) {  // before the loads and the math, as stored_update_body draws its words
+    if (!policy.has_kahan) draws[0] = random_lanes(store.param_key, i >> 1);
+    for (int k = 0; k < kStates; ++k) draws[1 + k] = random_lanes(store.state_keys[k], i >> 1);
+  }
+  Regs p, g, s[kStates > 0 ? kStates : 1];
+  load_pairs(entry.param, i, p);
+  if (policy.has_kahan) {
+    Regs comp;
+    load_pairs(entry.extra, i, comp);
+    for (int part = 0; part < kParts; ++part) p[part] = p[part] + comp[part];
+  }
+  load_pairs(entry.grad, i, g);
+  for (int k = 0; k < kStates; ++k) load_pairs(entry.state[k], i, s[k]);
+  apply_rule(rule, factor, p, g, s);
+  RoundedBits rounded;
+  round_pairs(p, stochastic && !policy.has_kahan ? &draws[0] : nullptr, rounded);
+  store_pairs(entry.param, i, rounded);
+  if (policy.has_kahan) {  // the rest, exact (within a factor of two of the value), rounded to nearest
+    Regs rest;
+    for (int part = 0; part < kParts; ++part) {
+      rest[part] = p[part] - V::floats(V::and_lanes(rounded[part], V::constant<0xffff0000u>()));
+    }
+    round_pairs(rest, nullptr, rounded);
+    store_pairs(entry.extra, i, rounded);
+  }
+  for (int k = 0; k < kStates; ++k) {
+    round_pairs(s[k], stochastic ? &draws[1 + k] : nullptr, rounded);
+    store_pairs(entry.state[k], i, rounded);
+  }
+}
+#endif
+
 // One step of the update: kStepWidth elements (count of them valid), loaded, updated and stored in registers.
 // kLaneDraws: the step draws its stochastic bf16/fp16 words in integer lanes (lane_draws_at), before its loads and
 // math: they depend on the index and the keys alone, and drawn at the stores they came after the rule's divide
@@ -447,12 +552,7 @@ C10_ALWAYS_INLINE void stored_update_body(const TensorEntry& entry, const Policy
   }
   Regs p, g, s[kStates > 0 ? kStates : 1];
   load_step<kFull, kStates>(entry, policy, i, count, p, g, s);
-  for (int part = 0; part < kParts; ++part) {
-    Vectorized<float> st[kStates > 0 ? kStates : 1];
-    for (int k = 0; k < kStates; ++k) st[k] = s[k][part];
-    rule(p[part], g[part] * factor, st);
-    for (int k = 0; k < kStates; ++k) s[k][part] = st[k];
-  }
+  apply_rule(rule, factor, p, g, s);
   store_param_regs<kFull>(entry, policy, param_rounding, i, count, p);
   for (int k = 0; k < kStates; ++k) {
     store_regs<kFull>(entry.state[k], policy.state_type, i, count, s[k], state_rounding[k]);
@@ -463,6 +563,12 @@ template <bool kFull, typename Policy, typename Rule>
 C10_ALWAYS_INLINE void stored_update_step(const TensorEntry& entry, const Policy& policy, const ElementStore& store,
                                           const Rule& rule, const Vectorized<float>& factor, int64_t i,
                                           int64_t count) {
+#if defined(FUSEDOPT_INT_LANES)
+  if (kFull && all_bf16(policy) && (policy.rounding != kStochastic || lane_draws_at(i))) {
+    paired_bf16_step(entry, policy, store, rule, factor, i);
+    return;
+  }
+#endif
   if (policy.rounding == kStochastic && lane_draws_at(i)) {
     stored_update_body<kFull, true>(entry, policy, store, rule, factor, i, count);
   } else {
