@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "cpu/int_lanes.h"
 #include "cpu_kernels.h"
 
 #if !defined(CPU_CAPABILITY)
@@ -150,6 +151,23 @@ C10_ALWAYS_INLINE void prefetch_entry(const TensorEntry& entry, int64_t i, bool 
   for (int k = 0; k < kStates; ++k) prefetch_ahead(entry.state[k], offset, written);
 }
 
+// Whether update_range walks whole registers of scalar_t in element pairs: bf16, where integer lanes exist.
+template <typename scalar_t>
+#if defined(FUSEDOPT_INT_LANES)
+constexpr bool kBf16Pairs = std::is_same_v<scalar_t, c10::BFloat16>;
+#else
+constexpr bool kBf16Pairs = false;
+#endif
+
+#if defined(FUSEDOPT_INT_LANES)
+// Elements [i, i + 2 * lanes) of a bf16 buffer as even and odd registers, rounded to nearest even.
+C10_ALWAYS_INLINE void store_nearest_pairs(void* base, int64_t i, const Vectorized<float> (&value)[2]) {
+  RoundedBits rounded;
+  round_pairs(value, nullptr, rounded);
+  store_pairs(base, i, rounded);
+}
+#endif
+
 // The kernel: whole registers, then one partial register (masked load and store) for the tail, so the rule is
 // only ever evaluated on vectors and the scalar instantiations stay the baseline's. Each whole step moves one
 // register of every buffer (at most a cache line): one prefetch per buffer.
@@ -169,17 +187,28 @@ void update_range(const TensorEntry& entry, const Rule& rule, typename Rule::opm
   auto apply = [&](int64_t i, int64_t count, auto full) {
     constexpr bool kFull = decltype(full)::value;
     Math p[kParts], g[kParts], s[kStates > 0 ? kStates : 1][kParts];
-    L::template load<kFull>(param + i, count, p);
-    L::template load<kFull>(grad + i, count, g);
-    for (int k = 0; k < kStates; ++k) L::template load<kFull>(state[k] + i, count, s[k]);
+    if constexpr (kFull && kBf16Pairs<scalar_t>) {  // even and odd elements (int_lanes.h): no shuffles
+      load_pairs(param, i, p);
+      load_pairs(grad, i, g);
+      for (int k = 0; k < kStates; ++k) load_pairs(state[k], i, s[k]);
+    } else {
+      L::template load<kFull>(param + i, count, p);
+      L::template load<kFull>(grad + i, count, g);
+      for (int k = 0; k < kStates; ++k) L::template load<kFull>(state[k] + i, count, s[k]);
+    }
     for (int part = 0; part < kParts; ++part) {
       Math st[kStates > 0 ? kStates : 1];
       for (int k = 0; k < kStates; ++k) st[k] = s[k][part];
       rule(p[part], g[part] * factor, st);
       for (int k = 0; k < kStates; ++k) s[k][part] = st[k];
     }
-    L::template store<kFull>(param + i, count, p);
-    for (int k = 0; k < kStates; ++k) L::template store<kFull>(state[k] + i, count, s[k]);
+    if constexpr (kFull && kBf16Pairs<scalar_t>) {
+      store_nearest_pairs(param, i, p);
+      for (int k = 0; k < kStates; ++k) store_nearest_pairs(state[k], i, s[k]);
+    } else {
+      L::template store<kFull>(param + i, count, p);
+      for (int k = 0; k < kStates; ++k) L::template store<kFull>(state[k] + i, count, s[k]);
+    }
   };
   int64_t i = begin;
   for (; i + L::kWidth <= end; i += L::kWidth) {
