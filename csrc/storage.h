@@ -129,8 +129,7 @@ C10_HOST_DEVICE inline uint32_t random_bits(const RandomKey& key, int64_t i) {
 // The 16 random bits the stochastic rounding of element i consumes, bf16 and fp16 alike: elements 2j and 2j + 1
 // take the low and high halves of draw j: half as many hashes as a draw per element, and read as 16-bit words
 // the draws of pairs j, j + 1, ... are the bits of elements 2j, 2j + 1, ... in order, so a vector kernel spreads
-// them by zero-extending words. 16 bits is the resolution of both roundings' probabilities (bf16 drops 16 bits;
-// fp16, which drops 13 or more, compares the word as a fraction of one).
+// them by zero-extending words. bf16 drops 16 bits of an fp32 and uses all 16; fp16 drops 13 and uses the top 13.
 C10_HOST_DEVICE inline uint32_t random_bits16(const RandomKey& key, int64_t i) {
   return (random_bits(key, i >> 1) >> (uint32_t(i & 1) * 16u)) & 0xffffu;
 }
@@ -148,34 +147,22 @@ C10_HOST_DEVICE inline c10::BFloat16 stochastic_bfloat16(float value, uint32_t w
   return c10::BFloat16(uint16_t(rounded >> 16), c10::BFloat16::from_bits());
 }
 
-// The fp16 neighbour of h one step away from zero (up = true) or towards it, in magnitude terms of h's sign.
-C10_HOST_DEVICE inline uint16_t half_step(uint16_t bits, bool larger) {
-  // larger: the next representable value above h; else below. Half bits are sign-magnitude.
-  const bool negative = (bits & 0x8000u) != 0;
-  const uint16_t magnitude = bits & 0x7fffu;
-  if (magnitude == 0) return larger ? uint16_t(0x0001u) : uint16_t(0x8001u);
-  return (larger != negative) ? uint16_t(bits + 1) : uint16_t(bits - 1);
-}
-
-// fp16 has a variable spacing (subnormals), so round through the two neighbours low < value < high: up with
-// probability (value - low) / (high - low), compared with the 16 random bits as a fraction of one. The quotient is
-// exact (the step is a power of two, and value - low is exact but for a negative value of magnitude below 2^-25,
-// where the fp32 subtraction rounds the same on the CPU and in CUDA). A value past the largest finite one but
-// short of the overflow threshold (65504 < |value| < 65520) has inf as its far neighbour, at no finite distance:
-// it rounds to +-65504, as to nearest.
+// fp16 rounds as bf16 does: random bits are added below the bits the type keeps and the sum is truncated, which
+// rounds away from zero with probability (dropped bits) / 2^13. In fp16's normal range it keeps 10 of fp32's 23
+// mantissa bits, so the word's top 13 bits go under the 13 it drops; a carry out of them is the next value up, in
+// whichever binade it lands. Below 2^-14 fp16's spacing stays 2^-24, that of [2^-14, 2^-13): the magnitude is
+// shifted into that binade by adding 2^-14 (rounded to nearest there, at 2^-37: so a value below 2^-38 never rounds
+// up, as the 13 bits resolve no finer in the normal range either), rounded the same way, and shifted back (exact).
+// Past 65504 the far neighbour is inf, at no finite distance: round to nearest (65504 below 65520, then inf), as
+// inf and NaN. The resolution is that of the fp32 value itself in fp16's normal range; the sign is put back last,
+// so a negative value that rounds to zero keeps -0.
 C10_HOST_DEVICE inline c10::Half stochastic_half(float value, uint32_t word) {
-  const c10::Half nearest(value);
-  const float near_value = float(nearest);
-  if (near_value == value || value != value || near_value - near_value != 0.0f) return nearest;
-  const bool nearest_is_low = near_value < value;
-  const c10::Half other(half_step(nearest.x, nearest_is_low), c10::Half::from_bits());
-  const float other_value = float(other);
-  if (other_value - other_value != 0.0f) return nearest;
-  const float low = nearest_is_low ? near_value : other_value;
-  const float high = nearest_is_low ? other_value : near_value;
-  const float up = (value - low) / (high - low);
-  const bool to_high = float(word & 0xffffu) * (1.0f / 65536.0f) < up;
-  return to_high == nearest_is_low ? other : nearest;
+  const uint32_t bits = float_to_bits(value), magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x477fe000u) return c10::Half(value);  // past 65504, inf, NaN
+  const float base = magnitude < 0x38800000u ? 6.103515625e-05f : 0.0f;  // 2^-14 below it
+  const float shifted = bits_to_float(magnitude) + base;
+  const float rounded = bits_to_float((float_to_bits(shifted) + ((word & 0xffffu) >> 3)) & ~0x1fffu) - base;
+  return c10::Half(bits_to_float(float_to_bits(rounded) | (bits & 0x80000000u)));  // on fp16's grid: exact
 }
 
 // Stores `value` at base[i] as `type`, rounded to nearest or stochastically with `word` (random_bits16).

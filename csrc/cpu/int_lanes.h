@@ -24,7 +24,7 @@ struct Splat {
 };
 
 // bf16 and fp16 rounding with the instruction set's integer lanes (shifts, 32-bit multiplies, lane masks):
-// storage.h's random_bits16, stochastic_bfloat16, stochastic_half (stochastic_half_lanes below) and c10's
+// storage.h's random_bits16, stochastic_bfloat16, stochastic_half (stored_update.h's stochastic_half_lanes) and c10's
 // round-to-nearest-even on every lane, bit for bit. A rounded bf16 value
 // is kept as fp32 bits whose low half is dropped when stored: a truncating store, exact, and cheaper than
 // converting again. NaN becomes c10's quiet NaN (0x7fc0), as the scalar conversion makes it.
@@ -42,30 +42,20 @@ struct IntLanes {
   static R add(R a, R b) { return _mm512_add_epi32(a, b); }
   static R xor_lanes(R a, R b) { return _mm512_xor_si512(a, b); }
   static R and_lanes(R a, R b) { return _mm512_and_si512(a, b); }
+  static R or_lanes(R a, R b) { return _mm512_or_si512(a, b); }
   static R bits(const Vectorized<float>& v) { return _mm512_castps_si512(v); }
   static Vectorized<float> floats(R x) { return _mm512_castsi512_ps(x); }
-  static Vectorized<float> to_float(R x) { return _mm512_cvtepi32_ps(x); }
   template <int kShift>
   static R shift_right(R x) { return _mm512_srli_epi32(x, kShift); }
   template <int kShift>
   static R shift_left(R x) { return _mm512_slli_epi32(x, kShift); }
-  static R shift_right_by(R x, R counts) { return _mm512_srlv_epi32(x, counts); }  // per lane; >= 32 gives 0
-  static R sign_fill(R x) { return _mm512_srai_epi32(x, 31); }
-  static R xnor(R a, R b) { return _mm512_ternarylogic_epi32(a, b, b, 0xc3); }
   static R and_not(R a, R b) { return _mm512_andnot_si512(a, b); }  // ~a & b
-  static R sub(R a, R b) { return _mm512_sub_epi32(a, b); }
-  static R min(R a, R b) { return _mm512_min_epi32(a, b); }
   // Lane masks (signed comparisons) and the lanes they pick.
   using M = __mmask16;
   static M less(R a, R b) { return _mm512_cmplt_epi32_mask(a, b); }
   static M less(const Vectorized<float>& a, const Vectorized<float>& b) {
     return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ);
   }
-  static M negative(R x) { return _mm512_movepi32_mask(x); }  // the sign bit
-  // Lanes outside [kLow, kHigh]: one unsigned comparison of the distance from kLow.
-  template <uint32_t kLow, uint32_t kHigh>
-  static M outside(R x) { return _mm512_cmpgt_epu32_mask(sub(x, constant<kLow>()), constant<kHigh - kLow>()); }
-  static M differ(M a, M b) { return M(a ^ b); }
   static bool any(M m) { return m != 0; }
   static R pick(M m, R if_set, R if_clear) { return _mm512_mask_blend_epi32(m, if_clear, if_set); }
   static R select_bits(R mask, R if_set, R if_clear) { return _mm512_ternarylogic_epi32(mask, if_set, if_clear, 0xca); }
@@ -105,31 +95,19 @@ struct IntLanes {
   static R add(R a, R b) { return _mm256_add_epi32(a, b); }
   static R xor_lanes(R a, R b) { return _mm256_xor_si256(a, b); }
   static R and_lanes(R a, R b) { return _mm256_and_si256(a, b); }
+  static R or_lanes(R a, R b) { return _mm256_or_si256(a, b); }
   static R bits(const Vectorized<float>& v) { return _mm256_castps_si256(v); }
   static Vectorized<float> floats(R x) { return _mm256_castsi256_ps(x); }
-  static Vectorized<float> to_float(R x) { return _mm256_cvtepi32_ps(x); }
   template <int kShift>
   static R shift_right(R x) { return _mm256_srli_epi32(x, kShift); }
   template <int kShift>
   static R shift_left(R x) { return _mm256_slli_epi32(x, kShift); }
-  static R shift_right_by(R x, R counts) { return _mm256_srlv_epi32(x, counts); }
-  static R sign_fill(R x) { return _mm256_srai_epi32(x, 31); }
-  static R xnor(R a, R b) { return _mm256_xor_si256(_mm256_xor_si256(a, b), set(0xffffffffu)); }
   static R and_not(R a, R b) { return _mm256_andnot_si256(a, b); }
-  static R sub(R a, R b) { return _mm256_sub_epi32(a, b); }
-  static R min(R a, R b) { return _mm256_min_epi32(a, b); }
   using M = __m256i;  // all ones in a set lane
   static M less(R a, R b) { return _mm256_cmpgt_epi32(b, a); }
   static M less(const Vectorized<float>& a, const Vectorized<float>& b) {
     return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LT_OQ));
   }
-  static M negative(R x) { return sign_fill(x); }
-  template <uint32_t kLow, uint32_t kHigh>  // unsigned, as signed lanes with the sign bit flipped
-  static M outside(R x) {
-    return _mm256_cmpgt_epi32(xor_lanes(sub(x, constant<kLow>()), constant<0x80000000u>()),
-                              constant<(kHigh - kLow) ^ 0x80000000u>());
-  }
-  static M differ(M a, M b) { return _mm256_xor_si256(a, b); }
   static bool any(M m) { return !_mm256_testz_si256(m, m); }
   static R pick(M m, R if_set, R if_clear) { return _mm256_blendv_epi8(if_clear, if_set, m); }
   static R select_bits(R mask, R if_set, R if_clear) {  // byte-wise: the masks used have whole bytes

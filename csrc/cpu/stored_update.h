@@ -119,47 +119,32 @@ C10_ALWAYS_INLINE void store_stochastic_bfloat16(c10::BFloat16* to, int64_t coun
 }
 
 #if defined(FUSEDOPT_INT_LANES)
-// The lanes of stochastic_half_lanes below whose magnitude bits `a` lie outside fp16's grid rule: below 2^-24
-// (the neighbours 0 and 2^-24) and above 65504 (65504, inf, NaN). They are rare in training (the kernel tests
-// for any before coming here); the choice is storage.h's quotient test on floats, scaled by 2^24 and 2^48 so
-// every term is exact as there (16777216 - x is the scalar's rounded subtraction, scaled).
-C10_ALWAYS_INLINE IntLanes::R half_outliers(const Vectorized<float>& v, IntLanes::R r, IntLanes::R a,
-                                            IntLanes::M negative, IntLanes::R rounded) {
+// The lanes of stochastic_half_lanes past 65504 (`a`: their magnitude bits): 65504 short of fp16's overflow threshold
+// 65520, then inf; NaN as c10's quiet NaN; each with its sign. Rare: the kernel tests for any before coming here.
+C10_ALWAYS_INLINE IntLanes::R half_past_largest(IntLanes::R b, IntLanes::R a, IntLanes::R carried) {
   using V = IntLanes;
-  using F = Vectorized<float>;
-  const V::R sign = V::and_not(V::constant<0x7fffffffu>(), V::bits(v));
-  const F x = v.abs() * F(281474976710656.0f);  // |v| * 2^48: the distance to 0 in 2^-48 units (< 2^24 here)
-  const F threshold = V::pick(negative, F(16777216.0f) - x, x);
-  const V::M up = V::differ(V::less(V::to_float(V::shift_right<8>(r)), threshold), negative);  // away from 0
-  const V::R tiny = V::add(sign, V::pick(up, V::constant<0x33800000u>(), V::constant<0u>()));
-  // NaN: c10's quiet NaN; past 65504 but short of fp16's overflow threshold (65520): 65504; else inf
   const V::R finite = V::pick(V::less(a, V::constant<0x477ff000u>()), V::constant<0x477fe000u>(),
                               V::constant<0x7f800000u>());
   const V::R huge = V::pick(V::less(V::constant<0x7f800000u>(), a), V::constant<0x7fc00000u>(), finite);
-  rounded = V::pick(V::less(a, V::constant<0x33800000u>()), tiny, rounded);
-  return V::pick(V::less(V::constant<0x477fe000u>(), a), V::add(sign, huge), rounded);
+  const V::R sign = V::and_not(V::constant<0x7fffffffu>(), b);
+  return V::pick(V::less(V::constant<0x477fe000u>(), a), V::or_lanes(sign, huge), carried);
 }
 
-// storage.h's stochastic_half(v, word) on every lane, bit for bit, in integer lanes: with r = word << 16 (the
-// scalar's uniform is r / 2^32), the quotient test against the neighbours is a carry. The fp16 grid keeps the
-// fp32 value's top bits but its lowest d mantissa bits (d = 13 for fp16's normal range; below 2^-14, where fp16's
-// spacing stays 2^-24, d = 126 - the fp32 exponent field, up to 23 at 2^-24); the value rounds away from zero
-// iff r's top d bits, negated for a positive value (whose test is r < dropped bits), carry out of the dropped
-// bits when added to them. Clearing them then leaves the chosen fp16 value exactly, which the store converts
-// unchanged. A carry into the exponent is the next binade's first value, as it should be; lanes outside that
-// rule (below 2^-24, above 65504) go to half_outliers. Against the two-neighbour float form this replaced (two
-// conversions each way and five blends), about half the operations per register.
+// storage.h's stochastic_half(v, word) on every lane, bit for bit, with the same operations: the magnitude
+// (shifted into [2^-14, 2^-13) below 2^-14, a rounded add as there) plus the word's top 13 bits (word >> 3: the
+// words arrive zero-extended), its lowest 13 bits cleared, the shift taken back (exact) and the sign put back. What
+// is left is on fp16's grid, which the store converts unchanged. No branch but for values past 65504.
 C10_ALWAYS_INLINE Vectorized<float> stochastic_half_lanes(const Vectorized<float>& v, IntLanes::R word) {
   using V = IntLanes;
-  const V::R r = V::shift_left<16>(word);
+  using F = Vectorized<float>;
   const V::R b = V::bits(v), a = V::and_lanes(b, V::constant<0x7fffffffu>());
-  const V::M negative = V::negative(b);
-  const V::R kept = V::min(V::sub(V::shift_right<23>(a), V::constant<94u>()), V::constant<19u>());  // 32 - d
-  const V::R increment = V::shift_right_by(V::xnor(r, V::sign_fill(b)), kept);   // r for negative, ~r for positive
-  V::R rounded = V::and_not(V::shift_right_by(V::constant<0xffffffffu>(), kept), V::add(b, increment));
-  const V::M outliers = V::outside<0x33800000u, 0x477fe000u>(a);
-  if (V::any(outliers)) rounded = half_outliers(v, r, a, negative, rounded);
-  return V::floats(rounded);
+  const F base = V::floats(V::pick(V::less(a, V::constant<0x38800000u>()), V::constant<0x38800000u>(),
+                                   V::constant<0u>()));
+  const V::R carried = V::add(V::bits(V::floats(a) + base), V::shift_right<3>(word));
+  const F rounded = V::floats(V::and_not(V::constant<0x1fffu>(), carried)) - base;
+  V::R result = V::or_lanes(V::bits(rounded), V::and_not(V::constant<0x7fffffffu>(), b));
+  if (V::any(V::less(V::constant<0x477fe000u>(), a))) result = half_past_largest(b, a, result);
+  return V::floats(result);
 }
 #endif
 
