@@ -443,6 +443,32 @@ def test_stochastic_rounding_is_unbiased(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_stochastic_fp16_rounding_below_its_normal_range_is_unbiased(device):
+    """Below 2^-14 fp16's spacing stays 2^-24 (storage.h shifts such values into [2^-14, 2^-13) to round them):
+    through its subnormals, below 2^-24 and just under 2^-14, in either sign, each value rounds to one of its two
+    neighbours, away from zero in the share its distance says, and a negative value rounding to zero keeps -0."""
+    spacing, n = 2.0**-24, 4096
+    multiples = [0.3, 1.7, 100.25, 1023.6]
+    values = [sign * m * spacing for m in multiples for sign in (1, -1)]
+    param = torch.zeros(len(values) * n, dtype=FP16, device=device, requires_grad=True)
+    opt = fusedopt.FusedSGD([param], lr=0.0, master_weights=True, param_rounding="stochastic", seed=6)
+    param.grad = torch.zeros_like(param)
+    opt.step()  # creates the master copy; lr 0 leaves it as it is set below
+    opt.state[param]["master_param"].copy_(torch.tensor(values, dtype=FP32).repeat_interleave(n))
+    opt.step()
+    for value, block in zip(values, param.detach().cpu().split(n)):
+        low = math.trunc(value / spacing) * spacing
+        away = low + math.copysign(spacing, value)
+        got = block.double()
+        assert ((got == low) | (got == away)).all(), (value, got.unique().tolist())
+        fraction = abs(value - low) / spacing
+        share = float((got == away).double().mean())
+        assert abs(share - fraction) <= 5 * math.sqrt(fraction * (1 - fraction) / n), (value, share, fraction)
+        zeros = block[got == 0]
+        assert bool((torch.signbit(zeros) == (value < 0)).all()), value
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fp16_values_past_the_largest_finite_keep_it_in_either_sign(device):
     """Between 65504 and fp16's overflow threshold (65520) the far neighbour is inf, at no finite distance:
     stochastic rounding keeps +-65504, as round-to-nearest does, for negative values as for positive ones."""
