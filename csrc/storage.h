@@ -147,15 +147,13 @@ C10_HOST_DEVICE inline c10::BFloat16 stochastic_bfloat16(float value, uint32_t w
   return c10::BFloat16(uint16_t(rounded >> 16), c10::BFloat16::from_bits());
 }
 
-// fp16 rounds as bf16 does: random bits are added below the bits the type keeps and the sum is truncated, which
-// rounds away from zero with probability (dropped bits) / 2^13. In fp16's normal range it keeps 10 of fp32's 23
-// mantissa bits, so the word's top 13 bits go under the 13 it drops; a carry out of them is the next value up, in
-// whichever binade it lands. Below 2^-14 fp16's spacing stays 2^-24, that of [2^-14, 2^-13): the magnitude is
-// shifted into that binade by adding 2^-14 (rounded to nearest there, at 2^-37: so a value below 2^-38 never rounds
-// up, as the 13 bits resolve no finer in the normal range either), rounded the same way, and shifted back (exact).
-// Past 65504 the far neighbour is inf, at no finite distance: round to nearest (65504 below 65520, then inf), as
-// inf and NaN. The resolution is that of the fp32 value itself in fp16's normal range; the sign is put back last,
-// so a negative value that rounds to zero keeps -0.
+// fp16 rounds as bf16 does: the word's top 13 bits are added below the 10 mantissa bits fp16 keeps (the 13 it drops
+// in its normal range) and the sum is truncated, which rounds away from zero with probability (dropped bits) / 2^13;
+// a carry is the next value up, in whichever binade it lands. Below 2^-14 fp16's spacing stays 2^-24, the spacing
+// of [2^-14, 2^-13): the magnitude is shifted into that binade by adding 2^-14 (rounded to nearest at 2^-37, so a
+// value below 2^-38 never rounds up), rounded the same way and shifted back (exact). Past 65504 the far neighbour
+// is inf, at no finite distance: to nearest (65504 below 65520, then inf), as inf and NaN. The sign is put back
+// last, so a negative value that rounds to zero keeps -0.
 C10_HOST_DEVICE inline c10::Half stochastic_half(float value, uint32_t word) {
   const uint32_t bits = float_to_bits(value), magnitude = bits & 0x7fffffffu;
   if (magnitude > 0x477fe000u) return c10::Half(value);  // past 65504, inf, NaN
