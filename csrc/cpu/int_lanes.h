@@ -24,10 +24,10 @@ struct Splat {
 };
 
 // bf16 and fp16 rounding with the instruction set's integer lanes (shifts, 32-bit multiplies, lane masks):
-// storage.h's random_bits16, stochastic_bfloat16, stochastic_half (stored_update.h's stochastic_half_lanes) and c10's
-// round-to-nearest-even on every lane, bit for bit. A rounded bf16 value
-// is kept as fp32 bits whose low half is dropped when stored: a truncating store, exact, and cheaper than
-// converting again. NaN becomes c10's quiet NaN (0x7fc0), as the scalar conversion makes it.
+// storage.h's random_bits16, stochastic_bfloat16, stochastic_half (stored_update.h's stochastic_half_lanes) and
+// c10's round-to-nearest-even on every lane, bit for bit. A rounded bf16 value is kept as fp32 bits whose low half
+// is dropped when stored: a truncating store, exact, and cheaper than converting again. NaN becomes c10's quiet
+// NaN (0x7fc0), as the scalar conversion makes it.
 #if defined(CPU_CAPABILITY_AVX512)
 struct IntLanes {
   using R = __m512i;
