@@ -53,17 +53,11 @@ struct IntLanes {
   // Lane masks (signed comparisons) and the lanes they pick.
   using M = __mmask16;
   static M less(R a, R b) { return _mm512_cmplt_epi32_mask(a, b); }
-  static M less(const Vectorized<float>& a, const Vectorized<float>& b) {
-    return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ);
-  }
   static bool any(M m) { return m != 0; }
   static R pick(M m, R if_set, R if_clear) { return _mm512_mask_blend_epi32(m, if_clear, if_set); }
   static R select_bits(R mask, R if_set, R if_clear) { return _mm512_ternarylogic_epi32(mask, if_set, if_clear, 0xca); }
   static R load(const void* from) { return _mm512_loadu_si512(from); }
   static void store(void* to, R x) { _mm512_storeu_si512(to, x); }
-  static Vectorized<float> pick(M m, const Vectorized<float>& if_set, const Vectorized<float>& if_clear) {
-    return _mm512_mask_blend_ps(m, if_clear, if_set);
-  }
   // bits(value) + increment, or c10's quiet NaN where value is NaN (whose payload must not carry into the
   // sign, nor truncate to inf).
   static R add_or_quiet_nan(const Vectorized<float>& value, R increment) {
@@ -105,9 +99,6 @@ struct IntLanes {
   static R and_not(R a, R b) { return _mm256_andnot_si256(a, b); }
   using M = __m256i;  // all ones in a set lane
   static M less(R a, R b) { return _mm256_cmpgt_epi32(b, a); }
-  static M less(const Vectorized<float>& a, const Vectorized<float>& b) {
-    return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_LT_OQ));
-  }
   static bool any(M m) { return !_mm256_testz_si256(m, m); }
   static R pick(M m, R if_set, R if_clear) { return _mm256_blendv_epi8(if_clear, if_set, m); }
   static R select_bits(R mask, R if_set, R if_clear) {  // byte-wise: the masks used have whole bytes
@@ -115,9 +106,6 @@ struct IntLanes {
   }
   static R load(const void* from) { return _mm256_loadu_si256(static_cast<const __m256i*>(from)); }
   static void store(void* to, R x) { _mm256_storeu_si256(static_cast<__m256i*>(to), x); }
-  static Vectorized<float> pick(M m, const Vectorized<float>& if_set, const Vectorized<float>& if_clear) {
-    return _mm256_blendv_ps(if_clear, if_set, _mm256_castsi256_ps(m));
-  }
   static R add_or_quiet_nan(const Vectorized<float>& value, R increment) {
     const __m256 nan = _mm256_cmp_ps(value, value, _CMP_UNORD_Q);
     const __m256 sum = _mm256_castsi256_ps(_mm256_add_epi32(bits(value), increment));

@@ -119,14 +119,13 @@ C10_ALWAYS_INLINE void store_stochastic_bfloat16(c10::BFloat16* to, int64_t coun
 }
 
 #if defined(FUSEDOPT_INT_LANES)
-// The lanes of stochastic_half_lanes past 65504 (`a`: their magnitude bits): 65504 short of fp16's overflow threshold
-// 65520, then inf; NaN as c10's quiet NaN; each with its sign. Rare: the kernel tests for any before coming here.
-C10_ALWAYS_INLINE IntLanes::R half_past_largest(IntLanes::R b, IntLanes::R a, IntLanes::R carried) {
+// The lanes of stochastic_half_lanes past 65504 (`a`: their magnitude bits, `sign`: their sign bits): 65504 short
+// of fp16's overflow threshold 65520, then inf; NaN as c10's quiet NaN. Rare: the kernel tests for any first.
+C10_ALWAYS_INLINE IntLanes::R half_past_largest(IntLanes::R sign, IntLanes::R a, IntLanes::R carried) {
   using V = IntLanes;
   const V::R finite = V::pick(V::less(a, V::constant<0x477ff000u>()), V::constant<0x477fe000u>(),
                               V::constant<0x7f800000u>());
   const V::R huge = V::pick(V::less(V::constant<0x7f800000u>(), a), V::constant<0x7fc00000u>(), finite);
-  const V::R sign = V::and_not(V::constant<0x7fffffffu>(), b);
   return V::pick(V::less(V::constant<0x477fe000u>(), a), V::or_lanes(sign, huge), carried);
 }
 
@@ -137,13 +136,13 @@ C10_ALWAYS_INLINE IntLanes::R half_past_largest(IntLanes::R b, IntLanes::R a, In
 C10_ALWAYS_INLINE Vectorized<float> stochastic_half_lanes(const Vectorized<float>& v, IntLanes::R word) {
   using V = IntLanes;
   using F = Vectorized<float>;
-  const V::R b = V::bits(v), a = V::and_lanes(b, V::constant<0x7fffffffu>());
+  const V::R b = V::bits(v), a = V::and_lanes(b, V::constant<0x7fffffffu>()), sign = V::and_not(a, b);
   const F base = V::floats(V::pick(V::less(a, V::constant<0x38800000u>()), V::constant<0x38800000u>(),
                                    V::constant<0u>()));
   const V::R carried = V::add(V::bits(V::floats(a) + base), V::shift_right<3>(word));
   const F rounded = V::floats(V::and_not(V::constant<0x1fffu>(), carried)) - base;
-  V::R result = V::or_lanes(V::bits(rounded), V::and_not(V::constant<0x7fffffffu>(), b));
-  if (V::any(V::less(V::constant<0x477fe000u>(), a))) result = half_past_largest(b, a, result);
+  V::R result = V::or_lanes(V::bits(rounded), sign);
+  if (V::any(V::less(V::constant<0x477fe000u>(), a))) result = half_past_largest(sign, a, result);
   return V::floats(result);
 }
 #endif
