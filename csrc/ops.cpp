@@ -334,11 +334,12 @@ StoragePolicy validate(const StepInputs& in) {
 
 // The kernels walk each tensor as one flat array, so param, grad and state must share one dense layout. Where
 // they do not (a param that is a strided view, a grad whose strides differ), work on dense copies. Returns the
-// data the kernel reads.
+// data the kernel reads, and writes where `mutated`: a tensor it only reads (a grad) is read through the immutable
+// accessor, which leaves a copy-on-write storage shared (the mutable one would copy it).
 void* dense_data(const at::Tensor& t, const at::Tensor& reference, PreparedStep& prepared, bool mutated) {
   // Two contiguous tensors of one shape walk alike (the cached flags spare comparing strides).
   if ((t.is_contiguous() && reference.is_contiguous()) || t.numel() == 0 || t.strides() == reference.strides()) {
-    return t.data_ptr();
+    return mutated ? t.data_ptr() : const_cast<void*>(t.const_data_ptr());
   }
   at::Tensor copy = at::empty_like(reference, reference.options().dtype(t.scalar_type()));
   copy.copy_(t);

@@ -372,3 +372,34 @@ def test_unusable_state_error_names_param_and_key(entry, opt_id, device):
     run.opt.state[param][keys[-1]] = torch.zeros(param.numel() + 1, device=param.device)
     with pytest.raises(RuntimeError, match=rf"state\['{keys[-1]}'\] of param_groups\[1\]\['params'\]\[0\] is "):
         run.step(1, MUTATIONS[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", [pytest.param(e, id=e.name) for e in ENTRIES])
+def test_lazy_clones_keep_their_values(entry, device):
+    """A lazy clone (copy-on-write) of a param or of a state buffer shares its memory until one of the two is
+    written: the step must give the optimizer's tensor a copy of its own, as torch's in-place ops do, and leave
+    the clone's values as they were; a lazily cloned grad is only read."""
+    if not hasattr(torch, "_lazy_clone"):
+        pytest.skip("this torch has no copy-on-write tensors (torch._lazy_clone)")
+    opt_id = entry.representative[0]
+    fused = Run(entry.fused_cls, entry, opt_id, device)
+    ref = Run(entry.torch_cls, entry, opt_id, device)
+    for t in range(STEPS_BEFORE):
+        for run in (fused, ref):
+            run.step(t, MUTATIONS[0])
+    param = _changed_param(fused.opt)
+    names = ["the param", *_buffers(fused.opt, param)]
+    sources = [param] + [fused.opt.state[param][key] for key in names[1:]]
+    for t in range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER):
+        clones = [torch._lazy_clone(source) for source in sources]
+        values = [bits(clone).clone() for clone in clones]
+        for run in (fused, ref):
+            run.set_grads(t, MUTATIONS[0])
+        grad_clone = torch._lazy_clone(param.grad)
+        fused.opt.step()
+        ref.opt.step()
+        assert_matches(fused.opt, fused.all_params(), ref.opt, ref.all_params(), **TOLERANCES[DTYPE])
+        for name, clone, value in zip(names, clones, values):
+            assert torch.equal(bits(clone), value), f"step {t} wrote through a lazy clone of {name}"
+        assert torch.equal(grad_clone, param.grad)
