@@ -56,6 +56,24 @@ struct IntLanes {
   static bool any(M m) { return m != 0; }
   static R pick(M m, R if_set, R if_clear) { return _mm512_mask_blend_epi32(m, if_clear, if_set); }
   static R select_bits(R mask, R if_set, R if_clear) { return _mm512_ternarylogic_epi32(mask, if_set, if_clear, 0xca); }
+  static R copy_sign(R magnitude, R from) { return select_bits(constant<0x80000000u>(), from, magnitude); }
+  static Vectorized<float> add_where(M m, const Vectorized<float>& x, R addend) {
+    return _mm512_mask_add_ps(x, m, x, floats(addend));
+  }
+  // fp16 bits, one per fp32 lane (half a register): converted truncating or to nearest even; lanes of 16 bits.
+  using H = __m256i;
+  static H half_toward_zero(const Vectorized<float>& v) {
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+  }
+  static H half_nearest(const Vectorized<float>& v) {
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  template <uint32_t kPair>  // kPair: the 16-bit value in both halves
+  static H half_sub_where(M m, H h) {  // h - kPair's half where m is set
+    return _mm256_mask_sub_epi16(h, m, h, _mm256_set1_epi32(int32_t(Splat<kPair>::value)));
+  }
+  static H half_pick(M m, H if_set, H if_clear) { return _mm256_mask_blend_epi16(m, if_clear, if_set); }
+  static void store_halves(void* to, H h) { _mm256_storeu_si256(static_cast<__m256i*>(to), h); }
   static R load(const void* from) { return _mm512_loadu_si512(from); }
   static void store(void* to, R x) { _mm512_storeu_si512(to, x); }
   // bits(value) + increment, or c10's quiet NaN where value is NaN (whose payload must not carry into the
@@ -104,6 +122,22 @@ struct IntLanes {
   static R select_bits(R mask, R if_set, R if_clear) {  // byte-wise: the masks used have whole bytes
     return _mm256_blendv_epi8(if_clear, if_set, mask);
   }
+  static R copy_sign(R magnitude, R from) { return or_lanes(and_lanes(from, constant<0x80000000u>()), magnitude); }
+  static Vectorized<float> add_where(M m, const Vectorized<float>& x, R addend) {
+    return _mm256_add_ps(x, floats(and_lanes(m, addend)));
+  }
+  using H = __m128i;
+  static H half_toward_zero(const Vectorized<float>& v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_ZERO); }
+  static H half_nearest(const Vectorized<float>& v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+  static H half_mask(M m) {  // the lane mask in 16-bit lanes (all ones saturate to all ones)
+    return _mm_packs_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+  }
+  template <uint32_t kPair>
+  static H half_sub_where(M m, H h) {
+    return _mm_sub_epi16(h, _mm_and_si128(half_mask(m), _mm_set1_epi32(int32_t(Splat<kPair>::value))));
+  }
+  static H half_pick(M m, H if_set, H if_clear) { return _mm_blendv_epi8(if_clear, if_set, half_mask(m)); }
+  static void store_halves(void* to, H h) { _mm_storeu_si128(static_cast<__m128i*>(to), h); }
   static R load(const void* from) { return _mm256_loadu_si256(static_cast<const __m256i*>(from)); }
   static void store(void* to, R x) { _mm256_storeu_si256(static_cast<__m256i*>(to), x); }
   static R add_or_quiet_nan(const Vectorized<float>& value, R increment) {

@@ -119,31 +119,32 @@ C10_ALWAYS_INLINE void store_stochastic_bfloat16(c10::BFloat16* to, int64_t coun
 }
 
 #if defined(FUSEDOPT_INT_LANES)
-// The lanes of stochastic_half_lanes past 65504 (`a`: their magnitude bits, `sign`: their sign bits): 65504 short
-// of fp16's overflow threshold 65520, then inf; NaN as c10's quiet NaN. Rare: the kernel tests for any first.
-C10_ALWAYS_INLINE IntLanes::R half_past_largest(IntLanes::R sign, IntLanes::R a, IntLanes::R carried) {
+// What stochastic_half makes of the lanes past 65504 (`b`: their bits, `a`: their magnitude bits), as fp32 bits
+// the store converts to nearest unchanged: 65504 short of fp16's overflow threshold 65520, then inf; NaN as c10's
+// quiet NaN. Rare: the kernel tests for any first.
+C10_ALWAYS_INLINE IntLanes::R half_past_largest(IntLanes::R b, IntLanes::R a) {
   using V = IntLanes;
   const V::R finite = V::pick(V::less(a, V::constant<0x477ff000u>()), V::constant<0x477fe000u>(),
                               V::constant<0x7f800000u>());
-  const V::R huge = V::pick(V::less(V::constant<0x7f800000u>(), a), V::constant<0x7fc00000u>(), finite);
-  return V::pick(V::less(V::constant<0x477fe000u>(), a), V::or_lanes(sign, huge), carried);
+  return V::copy_sign(V::pick(V::less(V::constant<0x7f800000u>(), a), V::constant<0x7fc00000u>(), finite), b);
 }
 
-// storage.h's stochastic_half(v, word) on every lane, bit for bit, with the same operations: the magnitude
-// (shifted into [2^-14, 2^-13) below 2^-14, a rounded add as there) plus the word's top 13 bits (word >> 3: the
-// words arrive zero-extended), its lowest 13 bits cleared, the shift taken back (exact) and the sign put back. What
-// is left is on fp16's grid, which the store converts unchanged. No branch but for values past 65504.
-C10_ALWAYS_INLINE Vectorized<float> stochastic_half_lanes(const Vectorized<float>& v, IntLanes::R word) {
+// storage.h's stochastic_half(v, word) on every lane, bit for bit, as fp16 bits. Below 2^-14 the value is moved
+// by 2^-14 of its own sign into [2^-14, 2^-13) (a rounded add, as the scalar's on the magnitude); there and in
+// the rest of fp16's normal range, the word's top 13 bits (word >> 3: the words arrive zero-extended) added to the
+// bits and a truncating conversion to fp16 keep what clearing the 13 bits fp16 drops keeps, sign included. The
+// move is taken back on the fp16 bits: [2^-14, 2^-13] is encoded linearly from 0x0400, 2^-14, so subtracting
+// 0x0400 subtracts 2^-14 exactly. No branch but for values past 65504.
+C10_ALWAYS_INLINE IntLanes::H stochastic_half_lanes(const Vectorized<float>& v, IntLanes::R word) {
   using V = IntLanes;
-  using F = Vectorized<float>;
-  const V::R b = V::bits(v), a = V::and_lanes(b, V::constant<0x7fffffffu>()), sign = V::and_not(a, b);
-  const F base = V::floats(V::pick(V::less(a, V::constant<0x38800000u>()), V::constant<0x38800000u>(),
-                                   V::constant<0u>()));
-  const V::R carried = V::add(V::bits(V::floats(a) + base), V::shift_right<3>(word));
-  const F rounded = V::floats(V::and_not(V::constant<0x1fffu>(), carried)) - base;
-  V::R result = V::or_lanes(V::bits(rounded), sign);
-  if (V::any(V::less(V::constant<0x477fe000u>(), a))) result = half_past_largest(sign, a, result);
-  return V::floats(result);
+  const V::R b = V::bits(v), a = V::and_lanes(b, V::constant<0x7fffffffu>());
+  const V::M small = V::less(a, V::constant<0x38800000u>());
+  const Vectorized<float> moved = V::add_where(small, v, V::copy_sign(V::constant<0x38800000u>(), b));
+  const V::R carried = V::add(V::bits(moved), V::shift_right<3>(word));
+  V::H result = V::half_sub_where<0x04000400u>(small, V::half_toward_zero(V::floats(carried)));
+  const V::M past = V::less(V::constant<0x477fe000u>(), a);
+  if (V::any(past)) result = V::half_pick(past, V::half_nearest(V::floats(half_past_largest(b, a))), result);
+  return result;
 }
 #endif
 
@@ -155,9 +156,12 @@ C10_ALWAYS_INLINE void store_stochastic_half(c10::Half* to, int64_t count, const
                                              int64_t first, const Words* words) {
 #if defined(FUSEDOPT_INT_LANES)
   if (words != nullptr) {
-    Regs rounded;
-    for (int part = 0; part < kParts; ++part) rounded[part] = stochastic_half_lanes(in[part], words->part[part]);
-    Lanes<c10::Half>::template store<kFull>(to, count, rounded);
+    c10::Half partial[kStepWidth];  // a partial step's elements, before the ones it stores are copied out
+    c10::Half* out = kFull ? to : partial;
+    for (int part = 0; part < kParts; ++part) {
+      IntLanes::store_halves(out + part * kLanes, stochastic_half_lanes(in[part], words->part[part]));
+    }
+    if (!kFull) std::copy_n(partial, count, to);
     return;
   }
 #endif
