@@ -80,6 +80,7 @@ inline constexpr StoredLayout kFixedLayouts[] = {
     {"master+stochastic", {1, kStochastic, kStoredBFloat16, kStoredBFloat16, 1, 0}},
     {"fp32-state", {1, kNearest, kStoredBFloat16, kStoredFloat, 0, 0}},
     {"stochastic-fp16", {1, kStochastic, kStoredHalf, kStoredHalf, 0, 0}},
+    {"master+stochastic-fp16", {1, kStochastic, kStoredHalf, kStoredHalf, 1, 0}},
 };
 // Kernel slot 0 is the general kernel, slot 1 + j the kernel of kFixedLayouts[j].
 inline constexpr int kStoredSlots = 1 + int(sizeof(kFixedLayouts) / sizeof(kFixedLayouts[0]));
