@@ -61,14 +61,13 @@ using StoredSumFn = void (*)(const TensorEntry& entry, const ElementStore& store
                              int64_t begin, int64_t end, double* sums);
 
 // The storage layouts the stored path has kernels of its own for: the low-precision modes a user names for bf16
-// params (issue 11), with their dtypes and buffers fixed at compile time. The general kernel reads them from the
-// table and branches on them per register: its AVX-512 AdamW loop is 2.5x the instructions and 5x the vector
-// stack accesses of the fixed one, and on a 2-core Intel Xeon (bf16, 10 x 2^20 elements, 2 threads) SGD momentum
-// with stochastic rounding, which moves no extra byte, took 1.46x round-to-nearest's step time there against
-// 1.18x here; Kahan AdamW 1.40x against 1.23x. fp16 has one: stochastic rounding, whose rounding and hashes are
-// the most work per register of any mode. Any other layout (fp16's other modes, fp32 params with low-precision
-// state, ...) runs the general kernel. Named for the tests, which read which kernel ran by these names
-// (_stored_launches).
+// and fp16 params (issue 11), with their dtypes and buffers fixed at compile time. The general kernel reads them
+// from the table and branches on them per register: its AVX-512 AdamW loop is 2.5x the instructions and 5x the
+// vector stack accesses of the fixed one, and on a 2-core Intel Xeon (bf16, 10 x 2^20 elements, 2 threads) SGD
+// momentum with stochastic rounding, which moves no extra byte, took 1.46x round-to-nearest's step time there
+// against 1.18x here; Kahan AdamW 1.40x against 1.23x; fp16 master weights with stochastic rounding, AdamW
+// 1.69-1.71x against 1.43x. Any other layout (fp32 params with low-precision state, fp16 params with bf16 state,
+// ...) runs the general kernel. Named for the tests, which read which kernel ran by these names (_stored_launches).
 struct StoredLayout {
   std::string_view name;
   StoragePolicy policy;  // {stored, rounding, param_type, state_type, has_master, has_kahan}
@@ -80,7 +79,10 @@ inline constexpr StoredLayout kFixedLayouts[] = {
     {"master+stochastic", {1, kStochastic, kStoredBFloat16, kStoredBFloat16, 1, 0}},
     {"fp32-state", {1, kNearest, kStoredBFloat16, kStoredFloat, 0, 0}},
     {"stochastic-fp16", {1, kStochastic, kStoredHalf, kStoredHalf, 0, 0}},
+    {"kahan-fp16", {1, kKahan, kStoredHalf, kStoredHalf, 0, 1}},
+    {"master-fp16", {1, kNearest, kStoredHalf, kStoredHalf, 1, 0}},
     {"master+stochastic-fp16", {1, kStochastic, kStoredHalf, kStoredHalf, 1, 0}},
+    {"fp32-state-fp16", {1, kNearest, kStoredHalf, kStoredFloat, 0, 0}},
 };
 // Kernel slot 0 is the general kernel, slot 1 + j the kernel of kFixedLayouts[j].
 inline constexpr int kStoredSlots = 1 + int(sizeof(kFixedLayouts) / sizeof(kFixedLayouts[0]));

@@ -160,6 +160,7 @@ STORED_MODES = {
     "master-stochastic-bf16": ({"master_weights": True, "param_rounding": "stochastic", "seed": 5}, torch.bfloat16),
     "master-stochastic-fp16": ({"master_weights": True, "param_rounding": "stochastic", "seed": 5}, torch.float16),
     "fp32-state-bf16": ({"state_dtype": torch.float32}, torch.bfloat16),
+    "fp32-state-fp16": ({"state_dtype": torch.float32}, torch.float16),
     "bf16-state-stochastic-fp32": ({"state_dtype": torch.bfloat16, "param_rounding": "stochastic", "seed": 5},
                                    torch.float32),
 }
@@ -184,8 +185,11 @@ FIXED_LAYOUTS = {
                                torch.bfloat16, "master+stochastic"),
     "fp32-state-bf16": ({"state_dtype": torch.float32}, torch.bfloat16, "fp32-state"),
     "stochastic-fp16": ({"param_rounding": "stochastic", "seed": 5}, torch.float16, "stochastic-fp16"),
+    "kahan-fp16": ({"param_rounding": "kahan"}, torch.float16, "kahan-fp16"),
+    "master-fp16": ({"master_weights": True}, torch.float16, "master-fp16"),
     "master-stochastic-fp16": ({"master_weights": True, "param_rounding": "stochastic", "seed": 5},
                                torch.float16, "master+stochastic-fp16"),
+    "fp32-state-fp16": ({"state_dtype": torch.float32}, torch.float16, "fp32-state-fp16"),
 }
 
 
