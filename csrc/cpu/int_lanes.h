@@ -68,9 +68,9 @@ struct IntLanes {
   static H half_nearest(const Vectorized<float>& v) {
     return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
-  template <uint32_t kPair>  // kPair: the 16-bit value in both halves
-  static H half_sub_where(M m, H h) {  // h - kPair's half where m is set
-    return _mm256_mask_sub_epi16(h, m, h, _mm256_set1_epi32(int32_t(Splat<kPair>::value)));
+  template <uint16_t kValue>  // h - kValue in the 16-bit lanes where m is set
+  static H half_sub_where(M m, H h) {
+    return _mm256_mask_sub_epi16(h, m, h, _mm256_set1_epi32(int32_t(Splat<kValue * 0x10001u>::value)));
   }
   static H half_pick(M m, H if_set, H if_clear) { return _mm256_mask_blend_epi16(m, if_clear, if_set); }
   static void store_halves(void* to, H h) { _mm256_storeu_si256(static_cast<__m256i*>(to), h); }
@@ -132,9 +132,9 @@ struct IntLanes {
   static H half_mask(M m) {  // the lane mask in 16-bit lanes (all ones saturate to all ones)
     return _mm_packs_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
   }
-  template <uint32_t kPair>
+  template <uint16_t kValue>
   static H half_sub_where(M m, H h) {
-    return _mm_sub_epi16(h, _mm_and_si128(half_mask(m), _mm_set1_epi32(int32_t(Splat<kPair>::value))));
+    return _mm_sub_epi16(h, _mm_and_si128(half_mask(m), _mm_set1_epi32(int32_t(Splat<kValue * 0x10001u>::value))));
   }
   static H half_pick(M m, H if_set, H if_clear) { return _mm_blendv_epi8(if_clear, if_set, half_mask(m)); }
   static void store_halves(void* to, H h) { _mm_storeu_si128(static_cast<__m128i*>(to), h); }

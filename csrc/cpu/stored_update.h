@@ -119,14 +119,13 @@ C10_ALWAYS_INLINE void store_stochastic_bfloat16(c10::BFloat16* to, int64_t coun
 }
 
 #if defined(FUSEDOPT_INT_LANES)
-// What stochastic_half makes of the lanes past 65504 (`b`: their bits, `a`: their magnitude bits), as fp32 bits
-// the store converts to nearest unchanged: 65504 short of fp16's overflow threshold 65520, then inf; NaN as c10's
-// quiet NaN. Rare: the kernel tests for any first.
-C10_ALWAYS_INLINE IntLanes::R half_past_largest(IntLanes::R b, IntLanes::R a) {
+// What stochastic_half makes of the lanes past 65504 (`b`: their bits, `a`: their magnitude bits): c10's
+// conversion to nearest (65504 short of fp16's overflow threshold 65520, then inf), NaN as c10's quiet NaN, which
+// the instruction's conversion would not make of a NaN with another payload. Rare: the kernel tests for any first.
+C10_ALWAYS_INLINE IntLanes::H half_past_largest(IntLanes::R b, IntLanes::R a) {
   using V = IntLanes;
-  const V::R finite = V::pick(V::less(a, V::constant<0x477ff000u>()), V::constant<0x477fe000u>(),
-                              V::constant<0x7f800000u>());
-  return V::copy_sign(V::pick(V::less(V::constant<0x7f800000u>(), a), V::constant<0x7fc00000u>(), finite), b);
+  const V::M nan = V::less(V::constant<0x7f800000u>(), a);
+  return V::half_nearest(V::floats(V::pick(nan, V::copy_sign(V::constant<0x7fc00000u>(), b), b)));
 }
 
 // storage.h's stochastic_half(v, word) on every lane, bit for bit, as fp16 bits. Below 2^-14 the value is moved
@@ -141,9 +140,9 @@ C10_ALWAYS_INLINE IntLanes::H stochastic_half_lanes(const Vectorized<float>& v, 
   const V::M small = V::less(a, V::constant<0x38800000u>());
   const Vectorized<float> moved = V::add_where(small, v, V::copy_sign(V::constant<0x38800000u>(), b));
   const V::R carried = V::add(V::bits(moved), V::shift_right<3>(word));
-  V::H result = V::half_sub_where<0x04000400u>(small, V::half_toward_zero(V::floats(carried)));
+  V::H result = V::half_sub_where<0x0400u>(small, V::half_toward_zero(V::floats(carried)));
   const V::M past = V::less(V::constant<0x477fe000u>(), a);
-  if (V::any(past)) result = V::half_pick(past, V::half_nearest(V::floats(half_past_largest(b, a))), result);
+  if (V::any(past)) result = V::half_pick(past, half_past_largest(b, a), result);
   return result;
 }
 #endif

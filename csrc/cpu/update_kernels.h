@@ -53,12 +53,7 @@ C10_ALWAYS_INLINE Vectorized<float> half_lanes_to_float(const c10::Half* from) {
 }
 
 C10_ALWAYS_INLINE void store_float_as_half_lanes(c10::Half* to, const Vectorized<float>& v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m256i half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), half);
-#else
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-#endif
+  IntLanes::store_halves(to, IntLanes::half_nearest(v));
 }
 #endif
 
