@@ -41,9 +41,15 @@ C10_ALWAYS_INLINE bool grad_usable(const at::Tensor& param, const at::Tensor& gr
   return like_param(grad, param, param.scalar_type());
 }
 
-// A param's .grad, read from its autograd metadata: Tensor::grad() also asks whether the tensor is a leaf (for
-// its warning about non-leaf tensors), a virtual call per param per step.
-C10_ALWAYS_INLINE const at::Tensor& grad_of(const at::Tensor& param) { return param.unsafeGetTensorImpl()->grad(); }
+// A param's .grad, read from its autograd metadata (torch::autograd::AutogradMeta, the one implementation of
+// c10's interface, as torch's own impl::get_autograd_meta assumes). Tensor::grad() also asks whether the tensor is
+// a leaf (for its warning about non-leaf tensors), and TensorImpl::grad() is an out-of-line call that makes a
+// virtual one: two calls per param per step.
+C10_ALWAYS_INLINE const at::Tensor& grad_of(const at::Tensor& param) {
+  static const at::Tensor* const kNoGrad = new at::Tensor();
+  const auto* meta = static_cast<const torch::autograd::AutogradMeta*>(param.unsafeGetTensorImpl()->autograd_meta());
+  return meta == nullptr ? *kNoGrad : meta->grad_;
+}
 
 // A param's grad is three objects away: the param's TensorImpl, its AutogradMeta, the grad's TensorImpl. Stage
 // `stage` (0, 1, 2) requests one of them; stage s reads what stage s - 1 requested (csrc/host_prefetch.h).

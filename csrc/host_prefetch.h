@@ -17,8 +17,11 @@
 namespace fusedopt::host {
 
 // Tensors between two stages of a chain: far enough for a miss to complete while the loop works on the
-// tensors in between, near enough for the prefetched lines to still be in cache when the loop gets there.
-constexpr int64_t kAhead = 4;
+// tensors in between, near enough for the prefetched lines to still be in cache when the loop gets there. A
+// chain of four stages starts 8 tensors ahead. Measured on a 2-core AMD EPYC (Zen 4), Adam over 2,000 tensors
+// whose objects were pushed out of all caches: the pass took 0.24-0.25 us per tensor at 2, 0.22-0.27 at 1,
+// 0.27-0.34 at 3 and 4, 0.29-0.31 at 8; with the objects in L3, 0.08 at 1 to 4 and 0.09 at 8.
+constexpr int64_t kAhead = 2;
 
 C10_ALWAYS_INLINE void prefetch_bytes(const void* object, size_t bytes) {
   const char* at = static_cast<const char*>(object);

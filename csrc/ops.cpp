@@ -332,6 +332,23 @@ StoragePolicy validate(const StepInputs& in) {
   return storage;
 }
 
+// A tensor's data, as Tensor::data_ptr() (mutated) or const_data_ptr() gives it, through the storage's inline
+// accessors (which materialize a copy-on-write storage for a write, and raise where the storage forbids the
+// access) without the TensorImpl's virtual has_storage() call: one per tensor per step. A tensor without storage
+// or data (undefined, batched, functional, lazily allocated) takes torch's accessor, which raises as torch does.
+C10_ALWAYS_INLINE void* tensor_data(const at::Tensor& t, bool mutated) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const c10::Storage& storage = impl->unsafe_storage();
+  if (C10_LIKELY(storage)) {
+    const void* base = mutated ? storage.mutable_data() : storage.data();
+    if (C10_LIKELY(base != nullptr)) {
+      if (impl->numel() == 0) return nullptr;  // as torch: no offset into an empty tensor
+      return const_cast<char*>(static_cast<const char*>(base)) + impl->itemsize() * impl->storage_offset();
+    }
+  }
+  return mutated ? t.data_ptr() : const_cast<void*>(t.const_data_ptr());
+}
+
 // The kernels walk each tensor as one flat array, so param, grad and state must share one dense layout. Where
 // they do not (a param that is a strided view, a grad whose strides differ), work on dense copies. Returns the
 // data the kernel reads, and writes where `mutated`: a tensor it only reads (a grad) is read through the immutable
@@ -339,7 +356,7 @@ StoragePolicy validate(const StepInputs& in) {
 void* dense_data(const at::Tensor& t, const at::Tensor& reference, PreparedStep& prepared, bool mutated) {
   // Two contiguous tensors of one shape walk alike (the cached flags spare comparing strides).
   if ((t.is_contiguous() && reference.is_contiguous()) || t.numel() == 0 || t.strides() == reference.strides()) {
-    return mutated ? t.data_ptr() : const_cast<void*>(t.const_data_ptr());
+    return tensor_data(t, mutated);
   }
   at::Tensor copy = at::empty_like(reference, reference.options().dtype(t.scalar_type()));
   copy.copy_(t);
@@ -435,14 +452,14 @@ __attribute__((flatten)) bool tensor_pass(const StepInputs& in, const LaunchKey&
       param = &dense_param;
     }
     TensorEntry e{};
-    e.param = param->data_ptr();
+    e.param = tensor_data(*param, true);
     e.grad = dense_data(grad_at<kFrom>(in, i), *param, prepared, false);
     for (int k = 0; k < kMaxStates; ++k) {
       e.state[k] = k < int(in.states.size()) ? dense_data(in.states[k][i], *param, prepared, true) : nullptr;
     }
     for (int k = 0; k < kMaxScalars; ++k) {
       // float32, validated above: the unchecked pointer spares data_ptr<float>()'s type check per tensor
-      e.scalars[k] = k < int(in.scalars.size()) ? static_cast<float*>(in.scalars[k][i].data_ptr()) : nullptr;
+      e.scalars[k] = k < int(in.scalars.size()) ? static_cast<float*>(tensor_data(in.scalars[k][i], true)) : nullptr;
     }
     const TensorSpan& extras = in.extras.master_params.empty() ? in.extras.kahan_comp : in.extras.master_params;
     e.extra = extras.empty() ? nullptr : dense_data(extras[i], *param, prepared, true);

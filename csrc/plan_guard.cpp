@@ -4,10 +4,10 @@
 // ways no hook reports: `opt.state.clear()`, `opt.state[p] = {}`, `state["exp_avg"] = t`, `del state[k]`,
 // `group["params"].reverse()`. The guard records, when the plan is built, the contents of every container the
 // plan was read from (the param lists, `optimizer.state`, each planned param's state dict) by object identity.
-// `unchanged()` then compares, without hashing a single tensor (Tensor.__hash__ is a Python call): dicts are
-// walked in insertion order with PyDict_Next, so any added, removed or replaced entry shows up as a different
-// (key, value) object at some position or a different length. Recorded objects are held by strong reference, so
-// no new object can reuse an address.
+// `unchanged()` then compares, without hashing a single tensor (Tensor.__hash__ is a Python call): a dict whose
+// version tag is unchanged is skipped, and the others are walked in insertion order with PyDict_Next, so any
+// added, removed or replaced entry shows up as a different (key, value) object at some position or a different
+// length. Recorded objects are held by strong reference, so no new object can reuse an address.
 //
 // The tensors themselves are the cached call's to check (csrc/cached_call.cpp): its one pass per step finds a
 // param or state tensor whose dtype, device or shape changed in place (`p.data = other`) while it reads them for
@@ -21,6 +21,21 @@
 
 namespace fusedopt {
 namespace {
+
+// CPython up to 3.13 gives every dict a version tag (PEP 509) that every change of the dict sets to a value no
+// dict had before. A dict whose tag is the recorded one holds what it held, so its walk is skipped: one word read
+// per state dict instead of its entries. A changed tag proves nothing (a value set to itself changes it), so the
+// walk decides then. 3.14 dropped the tag, and there every dict is walked.
+#if PY_VERSION_HEX < 0x030E0000
+constexpr bool kDictVersions = true;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"  // 3.12 deprecated the field, and keeps it exact
+uint64_t dict_version(PyObject* dict) { return reinterpret_cast<PyDictObject*>(dict)->ma_version_tag; }
+#pragma GCC diagnostic pop
+#else
+constexpr bool kDictVersions = false;
+uint64_t dict_version(PyObject*) { return 0; }
+#endif
 
 class PlanGuard {
  public:
@@ -51,6 +66,7 @@ class PlanGuard {
     py::object container;
     Kind kind;
     size_t begin, end;  // its recorded objects in objects_: items, or (key, value) pairs for a dict
+    mutable uint64_t version;  // a dict's tag when its walk last found the recorded contents (kDictVersions)
   };
 
   void record(py::handle container) {
@@ -75,19 +91,20 @@ class PlanGuard {
       unsupported_ = true;  // another container type: no cheap exact check, so the plan is rebuilt every step
       return;
     }
-    watched_.push_back({py::reinterpret_borrow<py::object>(container), kind, begin, objects_.size()});
+    const uint64_t version = kind == Kind::kDict ? dict_version(object) : 0;
+    watched_.push_back({py::reinterpret_borrow<py::object>(container), kind, begin, objects_.size(), version});
   }
 
   // A step after backward finds the state dicts and tensors out of cache: request the objects the loops in
-  // unchanged() read a few positions ahead (csrc/host_prefetch.h). A dict is two objects: the dict, then its
-  // keys table (where PyDict_Next finds the entries).
+  // unchanged() read a few positions ahead (csrc/host_prefetch.h). A dict is two objects: the dict (its version
+  // tag), then its keys table (where PyDict_Next finds the entries), which a matching tag spares.
   void prefetch_containers_ahead(size_t w) const {
     host::prefetch_chains_ahead<2>(w, watched_.size(), [&](size_t ahead, int stage) {
       if (watched_[ahead].kind != Kind::kDict) return;
       PyObject* dict = watched_[ahead].container.ptr();
       if (stage == 0) {
         host::prefetch_bytes(dict, sizeof(PyDictObject));
-      } else {
+      } else if (!kDictVersions) {
         host::prefetch_bytes(reinterpret_cast<PyDictObject*>(dict)->ma_keys, 128);
       }
     });
@@ -96,6 +113,7 @@ class PlanGuard {
   bool same_contents(const Watched& watched) const {
     PyObject* object = watched.container.ptr();
     if (watched.kind == Kind::kDict) {
+      if (kDictVersions && dict_version(object) == watched.version) return true;
       Py_ssize_t position = 0;
       PyObject *key, *value;
       size_t i = watched.begin;
@@ -103,7 +121,9 @@ class PlanGuard {
         if (i == watched.end || objects_[i].ptr() != key || objects_[i + 1].ptr() != value) return false;
         i += 2;
       }
-      return i == watched.end;
+      if (i != watched.end) return false;
+      watched.version = dict_version(object);
+      return true;
     }
     const Py_ssize_t size = PySequence_Fast_GET_SIZE(object);
     if (size_t(size) != watched.end - watched.begin) return false;

@@ -319,6 +319,36 @@ def test_unchanged_steps_reuse_the_plan(entry, opt_id, device):
         assert run.opt._plan is plan, f"step {t} rebuilt the launch plan of an unchanged optimizer"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry,opt_id", [pytest.param(e, o, id=f"{e.name}-{o}") for e in ENTRIES
+                                          for o in e.representative])
+def test_no_op_reassignment_keeps_the_plan_and_later_changes_are_seen(entry, opt_id, device):
+    """Setting a state entry to the object it holds changes its dict (CPython's dict version tag moves, which the
+    guard reads before walking a dict) but not what the dict holds: the plan is kept. A buffer replaced at a later
+    step is still found, and the steps match torch.optim's throughout."""
+    fused, ref = Run(entry.fused_cls, entry, opt_id, device), Run(entry.torch_cls, entry, opt_id, device)
+    runs = (fused, ref)
+    for t in range(2):
+        for run in runs:
+            run.step(t, MUTATIONS[0])
+    keys = _buffers(fused.opt, _changed_param(fused.opt))
+    if not keys:
+        pytest.skip(f"{entry.torch_cls.__name__}({opt_id}) keeps no state buffer")
+    plan = fused.opt._plan
+    for run in runs:
+        state = run.opt.state[_changed_param(run.opt)]
+        state[keys[0]] = state[keys[0]]
+        run.step(2, MUTATIONS[0])
+    assert fused.opt._plan is plan, "a state entry set to the object it held rebuilt the launch plan"
+    for run in runs:
+        state = run.opt.state[_changed_param(run.opt)]
+        state[keys[0]] = torch.full_like(state[keys[0]], 0.5)
+    for t in range(3, 6):
+        for run in runs:
+            run.step(t, MUTATIONS[0])
+        assert_matches(fused.opt, fused.all_params(), ref.opt, ref.all_params(), **TOLERANCES[torch.float32])
+
+
 def _check_mutation(entry, opt_id, mutation, device, dtype, long_plan=False):
     fused = Run(entry.fused_cls, entry, opt_id, device, dtype, long_plan)
     ref = Run(entry.torch_cls, entry, opt_id, device, dtype, long_plan)
