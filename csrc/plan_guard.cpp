@@ -24,8 +24,8 @@ namespace {
 
 // CPython up to 3.13 gives every dict a version tag (PEP 509) that every change of the dict sets to a value no
 // dict had before. A dict whose tag is the recorded one holds what it held, so its walk is skipped: one word read
-// per state dict instead of its entries. A changed tag proves nothing (a value set to itself changes it), so the
-// walk decides then. 3.14 dropped the tag, and there every dict is walked.
+// per state dict instead of its entries. A changed tag proves nothing (an entry replaced and put back moves it), so
+// the walk decides then. 3.14 dropped the tag, and there every dict is walked.
 #if PY_VERSION_HEX < 0x030E0000
 constexpr bool kDictVersions = true;
 #pragma GCC diagnostic push

@@ -322,10 +322,10 @@ def test_unchanged_steps_reuse_the_plan(entry, opt_id, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("entry,opt_id", [pytest.param(e, o, id=f"{e.name}-{o}") for e in ENTRIES
                                           for o in e.representative])
-def test_no_op_reassignment_keeps_the_plan_and_later_changes_are_seen(entry, opt_id, device):
-    """Setting a state entry to the object it holds changes its dict (CPython's dict version tag moves, which the
-    guard reads before walking a dict) but not what the dict holds: the plan is kept. A buffer replaced at a later
-    step is still found, and the steps match torch.optim's throughout."""
+def test_replaced_and_restored_entry_keeps_the_plan_and_later_changes_are_seen(entry, opt_id, device):
+    """Replacing a state entry and putting the original back changes its dict (CPython's dict version tag moves,
+    which the guard reads before walking a dict) but not what the dict holds: the plan is kept. A buffer replaced
+    at a later step is still found, and the steps match torch.optim's throughout."""
     fused, ref = Run(entry.fused_cls, entry, opt_id, device), Run(entry.torch_cls, entry, opt_id, device)
     runs = (fused, ref)
     for t in range(2):
@@ -337,9 +337,11 @@ def test_no_op_reassignment_keeps_the_plan_and_later_changes_are_seen(entry, opt
     plan = fused.opt._plan
     for run in runs:
         state = run.opt.state[_changed_param(run.opt)]
-        state[keys[0]] = state[keys[0]]
+        original = state[keys[0]]
+        state[keys[0]] = torch.zeros_like(original)
+        state[keys[0]] = original
         run.step(2, MUTATIONS[0])
-    assert fused.opt._plan is plan, "a state entry set to the object it held rebuilt the launch plan"
+    assert fused.opt._plan is plan, "a state entry replaced and restored rebuilt the launch plan"
     for run in runs:
         state = run.opt.state[_changed_param(run.opt)]
         state[keys[0]] = torch.full_like(state[keys[0]], 0.5)
