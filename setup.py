@@ -178,5 +178,7 @@ setup(
     extras_require={
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
         "test": ["pytest", "pytest-xdist", "pytest-benchmark", "matplotlib", "tqdm"],
+        # the other libraries benchmarks/bench_low_precision.py times beside fusedopt's low-precision modes
+        "peers": ["torchao", "torch-optimi"],
     },
 )

@@ -19,12 +19,15 @@ step: FusedAdamW and FusedSGD(momentum=0.9) over --tensors tensors of 2**--numel
 fp16, whose bytes are the same) elements (10 x 2**20
 by default), one optimizer per mode (nearest, stochastic, kahan, master_weights, master_weights + stochastic,
 state_dtype=float32), each on its own copy of the same params and sharing the same grads (set once), with torch's
-fused and foreach implementations of the same algorithm on bf16 params as peers, and an in-place bf16
-`a.add_(b)` over the same number of elements as the bandwidth reference, all timed round-robin (one step each in
-a rotating order, after warm-up; medians; the method of bench_step). GB/s counts each mode's minimum traffic
-(the byte model below) over its median step time, and "% add_" gives it as a share of add_'s GB/s. The claim
-checked: a mode costs at most the extra bytes it moves, i.e. its time / nearest's time <= its bytes / nearest's
-bytes, within --tolerance (stochastic moves no extra byte, so its time must match nearest's).
+fused and foreach implementations of the same algorithm on bf16 params as peers, the other libraries' modes
+where they import here (torchao's `_AdamW(bf16_stochastic_round=True)` beside fusedopt stochastic, bf16 only;
+optimi's `AdamW` and `SGD` with `kahan_sum=True` beside fusedopt kahan; `pip install -e ".[peers]"`), and
+an in-place bf16 `a.add_(b)` over the same number of elements as the bandwidth reference, all timed round-robin
+(one step each in a rotating order, after warm-up; medians; the method of bench_step). GB/s counts each mode's
+minimum traffic (the byte model below) over its median step time, and "% add_" gives it as a share of add_'s
+GB/s. The claim checked: a mode costs at most the extra bytes it moves, i.e. its time / nearest's time <= its
+bytes / nearest's bytes, within --tolerance (stochastic moves no extra byte, so its time must match nearest's);
+a peer's row gives fusedopt's speed-up over it in the same mode.
 
 Byte model (bytes per element of one step; bf16 params and grads; p = param, g = grad):
 
@@ -131,14 +134,19 @@ def _torch_adamw(params):
     return make_optimizer(OPTIMIZERS["adamw"], impl, params)
 
 
-def _torchao_adamw(params):
+def _torchao_adamw(params, **kwargs):
     from torchao.optim import _AdamW  # ImportError -> "not installed"
-    return _AdamW(params, lr=1e-3, bf16_stochastic_round=True)
+    return _AdamW(params, **{"lr": 1e-3, **kwargs}, bf16_stochastic_round=True)
 
 
-def _optimi_kahan_adamw(params):
+def _optimi_kahan_adamw(params, **kwargs):
     import optimi  # ImportError -> "not installed"
-    return optimi.AdamW(params, lr=1e-3, kahan_sum=True)
+    return optimi.AdamW(params, **{"lr": 1e-3, **kwargs}, kahan_sum=True)
+
+
+def _optimi_kahan_sgd(params, **kwargs):
+    import optimi  # ImportError -> "not installed"
+    return optimi.SGD(params, **kwargs, kahan_sum=True)
 
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -278,13 +286,45 @@ class StepCase:
 STEP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@dataclass
+class LowPrecisionPeer:
+    """Another library's optimizer with one of fusedopt's modes, timed beside that mode (same bytes moved)."""
+    label: str
+    build: object  # (params, **the spec's kwargs) -> optimizer; may raise ImportError ("not installed")
+    mode: str  # the MODES key it does the same work as
+
+
+# The peers issue 11 names, per STEP_OPTIMIZERS key: torchao rounds stochastically (bf16 only), optimi sums with
+# Kahan compensation. Each gets the spec's hyperparameters, as torch's rows do.
+LOW_PRECISION_PEERS = {
+    "adamw": [LowPrecisionPeer("torchao _AdamW stochastic", _torchao_adamw, "stochastic"),
+              LowPrecisionPeer("optimi AdamW kahan", _optimi_kahan_adamw, "kahan")],
+    "sgd_momentum": [LowPrecisionPeer("optimi SGD kahan", _optimi_kahan_sgd, "kahan")],
+}
+
+
 def step_cases(name: str, device, dtype) -> list[StepCase]:
     spec = OPTIMIZERS[name]
     cases = [StepCase(name, f"fusedopt {mode}", "fusedopt", mode, step_bytes_per_elem(spec, mode)) for mode in MODES]
     for impl in PEER_IMPLS:
         cases.append(StepCase(name, f"torch {impl}", impl, None, step_bytes_per_elem(spec, None),
                               skipped=probe(spec, impl, device, dtype)))
+    for peer in LOW_PRECISION_PEERS.get(name, []):
+        # torchao's stochastic rounding is bf16's only: on fp16 params it would round to nearest
+        unlike = peer.mode == "stochastic" and dtype != torch.bfloat16
+        cases.append(StepCase(name, peer.label, "peer", peer.mode, step_bytes_per_elem(spec, peer.mode),
+                              skipped=f"rounds {dtype} to nearest" if unlike else None, extra={"build": peer.build}))
     return cases
+
+
+def build_case(case: StepCase, spec, params, seed: int):
+    """The optimizer a step case times: fusedopt with its mode's options, torch's implementation, or a peer."""
+    if case.impl == "peer":
+        return case.extra["build"](params, **spec.kwargs)
+    options = dict(MODES[case.mode]) if case.mode else {}
+    if options.get("param_rounding") == "stochastic":
+        options["seed"] = seed
+    return make_optimizer(spec, case.impl, params, **options)
 
 
 def bench_optimizer(name: str, device, n_tensors: int, numel: int, reps: int, warmup: int, seed: int,
@@ -304,11 +344,11 @@ def bench_optimizer(name: str, device, n_tensors: int, numel: int, reps: int, wa
         params = [b.clone().requires_grad_() for b in base]  # its own params: a master copy owns its param
         for p, g in zip(params, grads):
             p.grad = g  # shared and never written: every optimizer reads the same grads
-        options = dict(MODES[case.mode]) if case.mode else {}
-        if options.get("param_rounding") == "stochastic":
-            options["seed"] = seed
         try:
-            opt = make_optimizer(spec, case.impl, params, **options)
+            opt = build_case(case, spec, params, seed)
+        except ImportError as exc:
+            case.skipped = f"not installed ({exc})"
+            continue
         except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal
             case.skipped = f"{type(exc).__name__}: {exc}"
             continue
@@ -350,6 +390,9 @@ def bench_optimizer(name: str, device, n_tensors: int, numel: int, reps: int, wa
         if nearest_median is not None:
             rec["time_vs_nearest"] = median / nearest_median
             rec["bytes_vs_nearest"] = case.bytes_per_elem / nearest_bytes
+        same_mode = samples.get(f"fusedopt {case.mode}")
+        if case.impl == "peer" and same_mode:
+            rec["fusedopt_speedup"] = median / statistics.median(same_mode)  # > 1: fusedopt's mode is faster
         records.append(rec)
     return records
 
@@ -388,6 +431,8 @@ def step_table(records, device, meta, reps, warmup, tolerance) -> str:
         verdict = r.get("verdict", "")
         if verdict == "OVER":
             verdict = f"OVER (budget {r['time_budget_vs_nearest']:.2f})"
+        if "fusedopt_speedup" in r:
+            verdict = f"fusedopt {r['mode']} {r['fusedopt_speedup']:.2f}x faster"
         flag = "" if r["params_finite"] else "  NON-FINITE PARAMS"
         lines.append(f"{lead} {r['label']:<28} {r['bytes_per_elem']:>6} {1e3 * r['median_s']:>9.3f} "
                      f"{100 * r['spread']:>4.0f}% {r['gbps']:>6.1f} {r['pct_of_add']:>5.0f}% {ratio}  {verdict}{flag}")
@@ -396,7 +441,8 @@ def step_table(records, device, meta, reps, warmup, tolerance) -> str:
     lines.append(f"B/elem: minimum bytes one step moves per element (byte model in the docstring); IQR: interquartile "
                  f"range / median; claim: time/nearest <= bytes/nearest x {1 + tolerance:.2f} (ok) or not (OVER).")
     lines.append(f"torch rows: torch.optim on the same {dtype} params (state in {dtype}, nearest's bytes); "
-                 "– = no such implementation here.")
+                 "– = no such implementation here. Peer rows (torchao, optimi): the same work as the fusedopt mode "
+                 "named in their claim, which gives fusedopt's speed-up over them.")
     return "\n".join(lines)
 
 
@@ -429,7 +475,7 @@ def plot(memory, steps, path: Path, title: str):
         rows = [r for r in steps if r["optimizer"] == name and "median_s" in r]
         ys = range(len(rows))
         ax.barh(ys, [1e3 * r["median_s"] for r in rows],
-                color=["C2" if r["impl"] == "fusedopt" else "C7" for r in rows])
+                color=[{"fusedopt": "C2", "peer": "C3"}.get(r["impl"], "C7") for r in rows])
         nearest = next((r for r in rows if r["label"] == "fusedopt nearest"), None)
         for y, r in zip(ys, rows):
             ax.text(1e3 * r["median_s"], y, f" {r['pct_of_add']:.0f}% of add_", va="center", fontsize=7)

@@ -89,6 +89,33 @@ def test_bench_low_precision_times_every_mode_on_the_dtype_asked(dtype, tmp_path
     assert saved["args"]["step_dtype"] == dtype and saved["step"] == json.loads(json.dumps(record["step"]))
 
 
+@needs_extension
+def test_bench_low_precision_peer_rows_compare_with_the_same_mode(tmp_path, capsys, monkeypatch):
+    """A peer is timed beside the fusedopt mode it names and gets fusedopt's speed-up over it; one whose library
+    is missing is a row saying so, not a failure."""
+    def torch_sgd(params, **kwargs):  # a stand-in peer that every machine has
+        return torch.optim.SGD(params, **kwargs, foreach=False)
+
+    def missing(params, **kwargs):
+        raise ImportError("No module named 'nosuchlib'")
+
+    monkeypatch.setitem(bench_low_precision.LOW_PRECISION_PEERS, "sgd_momentum", [
+        bench_low_precision.LowPrecisionPeer("stand-in SGD", torch_sgd, "nearest"),
+        bench_low_precision.LowPrecisionPeer("missing SGD", missing, "kahan")])
+    (record,) = bench_low_precision.main(["--parts", "step", "--devices", "cpu", "--optimizers", "sgd_momentum",
+                                          "--tensors", "2", "--numel-log2", "10", "--reps", "3", "--warmup", "0",
+                                          "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = {r["label"]: r for r in record["step"]}
+    timed, absent = rows["stand-in SGD"], rows["missing SGD"]
+    nearest = rows["fusedopt nearest"]
+    assert timed["impl"] == "peer" and timed["params_finite"] and timed["median_s"] > 0
+    assert math.isclose(timed["fusedopt_speedup"], timed["median_s"] / nearest["median_s"])
+    assert f"fusedopt nearest {timed['fusedopt_speedup']:.2f}x faster" in out
+    assert absent["skipped"].startswith("not installed (") and "nosuchlib" in absent["skipped"]
+    assert "median_s" not in absent and "missing SGD" in out
+
+
 @pytest.mark.parametrize("module, argv", [(bench_step, []), (train_loop, []), (seed_experiments, ["optimizers"]),
                                           (bench_low_precision, [])],
                          ids=["bench_step", "train_loop", "seed_experiments", "bench_low_precision"])
