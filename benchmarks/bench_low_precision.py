@@ -23,7 +23,7 @@ fused and foreach implementations of the same algorithm on bf16 params as peers,
 where they import here (torchao's `_AdamW(bf16_stochastic_round=True)` beside fusedopt stochastic, bf16 only;
 optimi's `AdamW` and `SGD` with `kahan_sum=True` beside fusedopt kahan; `pip install -e ".[peers]"`), and
 an in-place bf16 `a.add_(b)` over the same number of elements as the bandwidth reference, all timed round-robin
-(one step each in a rotating order, after warm-up; medians; the method of bench_step). GB/s counts each mode's
+(one step each per round, in balanced orders, after warm-up; medians; the method of bench_step). GB/s counts each mode's
 minimum traffic (the byte model below) over its median step time, and "% add_" gives it as a share of add_'s
 GB/s. The claim checked: a mode costs at most the extra bytes it moves, i.e. its time / nearest's time <= its
 bytes / nearest's bytes, within --tolerance (stochastic moves no extra byte, so its time must match nearest's);

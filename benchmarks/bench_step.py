@@ -18,7 +18,8 @@ and every step reuses them, the lr is constant: the most favourable case for a c
 new float lr every step, as a per-iteration LambdaLR sets it), realistic (both).
 
 Method: all implementations of one optimizer step the same parameter tensors (each keeps its own state), run
-round-robin one step at a time in a rotating order, so clock or thermal drift hits them all alike; we report
+round-robin one step at a time, every implementation once per round, so clock or thermal drift hits them all
+alike, in orders balanced for which step ran just before (benchmarks/common.py's round_orders); we report
 medians. CPU samples are time.perf_counter around one step; CUDA samples are CUDA events around one step, after
 a synchronize, so launch overhead counts but earlier queued work does not (the host workload: perf_counter after
 a synchronize, on CUDA too). Bandwidth is the algorithm's minimum traffic (table in benchmarks/common.py) over
@@ -50,9 +51,8 @@ from tqdm import tqdm
 
 from benchmarks import common
 from benchmarks.common import (ADD_ARRAYS, IMPLS, OPTIMIZERS, RESULTS_DIR, ROUNDING_IMPLS, TORCH_IMPLS, OptSpec,
-                               default_device,
-                               load_warning, make_optimizer, probe, result_stem, run_metadata, state_arrays,
-                               synchronize, traffic_arrays)
+                               default_device, load_warning, make_optimizer, probe, result_stem, round_orders,
+                               run_metadata, state_arrays, synchronize, traffic_arrays)
 
 # Wall time of a whole run (measured, see the docstring): stated once, here, for the docstring and --help
 QUICK_DURATION = "about 3 minutes on 2 cores (measured: 187 s for 17 configurations), longer when other jobs share them"
@@ -206,7 +206,7 @@ def param_groups(workload: Workload, params, spec: OptSpec):
 # ------------------------------------------------------------------------------------------------- timing
 def time_round_robin(fns: dict, reps: int, warmup: int, device: torch.device, prepare: dict | None = None,
                      host_clock: bool = False) -> dict[str, list[float]]:
-    """Seconds per call of each function, calls interleaved one at a time in a rotating order.
+    """Seconds per call of each function, calls interleaved one at a time in rounds (common.round_orders).
 
     prepare[name], when given, runs untimed before every call of fns[name]. host_clock: time the call on the
     host (perf_counter) even on CUDA, after a synchronize, so that the sample is the host's cost of the call."""
@@ -218,14 +218,14 @@ def time_round_robin(fns: dict, reps: int, warmup: int, device: torch.device, pr
             prepare[name]()
         fns[name]()
 
-    for _ in range(warmup):
-        for name in names:
+    orders = round_orders(names, warmup + reps)  # balanced for which call ran just before (see there)
+    for order in orders[:warmup]:
+        for name in order:
             call(name)
     synchronize(device)
     raw = {name: [] for name in names}
-    for rep in range(reps):
-        k = rep % len(names)  # rotate so that no implementation always runs right after the same one
-        for name in names[k:] + names[:k]:
+    for order in orders[warmup:]:
+        for name in order:
             if prepare.get(name):
                 prepare[name]()
             if device.type == "cuda" and not host_clock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import random
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -150,6 +151,44 @@ def probe(spec: OptSpec, impl: str, device, dtype) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure means "not supported here"
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
     return None
+
+
+def round_orders(names, rounds: int, seed: int = 0) -> list[list]:
+    """The order of `names` in each of `rounds` rounds (every name once a round), balanced for what ran just before.
+
+    A step's time depends on the step before it: one that streamed other memory leaves dirty cache lines for the
+    next to write back (on a 2-core AMD EPYC every optimizer's 7M-param SGD step took 7-9% longer right after the
+    add_ reference than after another optimizer). Rotating one list keeps its cyclic order, so each name follows
+    the same one in all but one position of a round: bench_step's fusedopt followed add_ in 4 rounds of 5. Here
+    the rounds are the rows of a Williams design (each row a permutation; over a cycle of n rows, 2n for an odd
+    n, every name directly follows every other the same number of times within rounds, and an odd n's rows
+    alternate with mirrored ones so that a partial cycle is near-balanced too), and each cycle relabels the
+    names by a seeded permutation, so that the joins between rounds do not favour one pair either."""
+    names = list(names)
+    n = len(names)
+    if n == 0:
+        return [[] for _ in range(rounds)]
+    base, low, high = [0], 1, n - 1
+    while len(base) < n:  # 0, 1, n-1, 2, n-2, ...: consecutive differences all distinct mod n
+        base.append(low)
+        low += 1
+        if len(base) < n:
+            base.append(high)
+            high -= 1
+    rows = [[(b + i) % n for b in base] for i in range(n)]
+    if n % 2:  # odd n: the mirrored rows complete the balance; row k alternates plain and mirrored
+        rows = [rows[k % n] if k % 2 == 0 else rows[k % n][::-1] for k in range(2 * n)]
+    rng = random.Random(seed)
+    orders, labels = [], list(range(n))
+    for r in range(rounds):
+        if r and r % len(rows) == 0:
+            last = labels[rows[-1][-1]]  # by index: names need not compare (train_loop passes its variants)
+            rng.shuffle(labels)
+            first, second = rows[0][:2] if n > 1 else (0, 0)
+            if labels[first] == last:  # no name twice in a row across the join
+                labels[first], labels[second] = labels[second], labels[first]
+        orders.append([names[labels[i]] for i in rows[r % len(rows)]])
+    return orders
 
 
 def default_device() -> torch.device:

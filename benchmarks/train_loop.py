@@ -21,8 +21,8 @@ Variants of each scenario:
 
 Method: every variant has its own copy of the same initial model and sees the same batches in the same order.
 After a warm-up (on CUDA a few seconds of matmuls first, to bring the GPU to its clocks, then --warmup
-iterations of every variant), the variants run interleaved in rounds (A B C ... A B C ..., the order rotated
-each round), --iters iterations per turn; each turn is timed with a synchronize at both ends and gives one
+iterations of every variant), the variants run interleaved in rounds (A B C ... B A C ..., each round's order
+from common.round_orders: every variant follows every other equally often), --iters iterations per turn; each turn is timed with a synchronize at both ends and gives one
 steps/s sample; we report medians over rounds. Inside each iteration the "optimizer phase" (clipping, scaler
 step/update, optimizer.step, scheduler step) is timed on the host (perf_counter) and, on CUDA, on the device
 (events around it). After the timed rounds, one extra iteration of each variant is profiled on CUDA to count
@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from benchmarks import common
 from benchmarks.common import (OPTIMIZERS, RESULTS_DIR, default_device, load_warning, make_optimizer, probe,
-                               result_stem, run_metadata, synchronize)
+                               result_stem, round_orders, run_metadata, synchronize)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -407,9 +407,8 @@ def run_scenario(name, scenario: Scenario, args, device, bar) -> dict:
             v.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         bar.update(1)
     live = [v for v in variants if v.error is None]
-    for r in range(args.rounds):
-        k = r % len(live) if live else 0
-        for v in live[k:] + live[:k]:  # rotate: no variant always follows the same one
+    for r, order in enumerate(round_orders(live, args.rounds)):  # balanced for which variant ran just before
+        for v in order:
             bar.set_postfix_str(f"{name}: round {r + 1}/{args.rounds} {v.label}")
             synchronize(device)
             t0 = time.perf_counter()

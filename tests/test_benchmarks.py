@@ -116,6 +116,31 @@ def test_bench_low_precision_peer_rows_compare_with_the_same_mode(tmp_path, caps
     assert "median_s" not in absent and "missing SGD" in out
 
 
+@pytest.mark.parametrize("n", range(1, 9))
+def test_round_orders_balance_what_ran_just_before(n):
+    """Every round runs each name once; over a cycle (n rounds, 2n for an odd n) every name directly follows every
+    other equally often within rounds; no name runs twice in a row across the joins; seeded, so ranks agree."""
+    from collections import Counter
+
+    from benchmarks.common import round_orders
+    names = [f"impl{i}" for i in range(n)]
+    cycle = n if n % 2 == 0 else 2 * n
+    orders = round_orders(names, 3 * cycle)
+    assert all(sorted(order) == names for order in orders)
+    assert orders == round_orders(names, 3 * cycle) and round_orders(names, 0) == []
+    for c in range(3):
+        within = Counter((order[j - 1], order[j]) for order in orders[c * cycle:(c + 1) * cycle] for j in range(1, n))
+        assert set(within) == {(a, b) for a in names for b in names if a != b}
+        assert len(set(within.values())) <= 1
+    calls = [name for order in orders for name in order]
+    if n >= 3:
+        assert all(a != b for a, b in zip(calls, calls[1:]))
+    if n == 5:  # bench_step's 4 implementations + add_: fusedopt (first) no longer follows add_ (last) most rounds
+        first_five = [name for order in orders[:5] for name in order]
+        before_first = Counter(a for a, b in zip(first_five, first_five[1:]) if b == names[0])
+        assert max(before_first.values()) <= 2
+
+
 @pytest.mark.parametrize("module, argv", [(bench_step, []), (train_loop, []), (seed_experiments, ["optimizers"]),
                                           (bench_low_precision, [])],
                          ids=["bench_step", "train_loop", "seed_experiments", "bench_low_precision"])
