@@ -43,6 +43,7 @@ struct IntLanes {
   static R xor_lanes(R a, R b) { return _mm512_xor_si512(a, b); }
   static R and_lanes(R a, R b) { return _mm512_and_si512(a, b); }
   static R or_lanes(R a, R b) { return _mm512_or_si512(a, b); }
+  static R xor_and(R a, R b, R mask) { return _mm512_ternarylogic_epi32(a, b, mask, 0x28); }  // (a ^ b) & mask
   static R bits(const Vectorized<float>& v) { return _mm512_castps_si512(v); }
   static Vectorized<float> floats(R x) { return _mm512_castsi512_ps(x); }
   template <int kShift>
@@ -108,6 +109,7 @@ struct IntLanes {
   static R xor_lanes(R a, R b) { return _mm256_xor_si256(a, b); }
   static R and_lanes(R a, R b) { return _mm256_and_si256(a, b); }
   static R or_lanes(R a, R b) { return _mm256_or_si256(a, b); }
+  static R xor_and(R a, R b, R mask) { return and_lanes(xor_lanes(a, b), mask); }
   static R bits(const Vectorized<float>& v) { return _mm256_castps_si256(v); }
   static Vectorized<float> floats(R x) { return _mm256_castsi256_ps(x); }
   template <int kShift>
@@ -182,12 +184,15 @@ C10_ALWAYS_INLINE void store_pairs(void* base, int64_t i, const RoundedBits& bit
 }
 
 // c10's round-to-nearest-even (bias 0x7fff plus the kept part's lowest bit), or the stochastic rounding with a
-// step's draws (`draws`, nullptr: nearest), on the even and odd registers.
+// step's draws (`draws`, nullptr: nearest), on the even and odd registers. The draws are mix32 short of its last
+// xorshift (stored_update.h's random_lanes_unfinished): the finished draw's high word is the unfinished one's
+// (x >> 16 is untouched by x ^ x >> 16), its low word (x ^ x >> 16) & 0xffff, one bitwise operation.
 C10_ALWAYS_INLINE void round_pairs(const Vectorized<float> (&value)[2], const IntLanes::R* draws, RoundedBits& out) {
   using V = IntLanes;
   if (draws != nullptr) {
-    out[0] = V::add_or_quiet_nan(value[0], V::and_lanes(*draws, V::constant<0xffffu>()));
-    out[1] = V::add_or_quiet_nan(value[1], V::shift_right<16>(*draws));
+    const V::R high = V::shift_right<16>(*draws);
+    out[0] = V::add_or_quiet_nan(value[0], V::xor_and(*draws, high, V::constant<0xffffu>()));
+    out[1] = V::add_or_quiet_nan(value[1], high);
     return;
   }
   for (int part = 0; part < 2; ++part) {

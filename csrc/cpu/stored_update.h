@@ -58,14 +58,23 @@ C10_ALWAYS_INLINE void store_rounded_bits(c10::BFloat16* to, int64_t count, cons
   }
 }
 
-// storage.h's random_bits(key, index + lane) on every lane, for indices below 2^32 (past that the draws mix in the
-// index's high word, and the callers take the scalar path).
-C10_ALWAYS_INLINE IntLanes::R random_lanes(const RandomKey& key, int64_t index) {
+// storage.h's random_bits(key, index + lane) on every lane but mix32's last xorshift (x ^ x >> 16), for indices
+// below 2^32 (past that the draws mix in the index's high word, and the callers take the scalar path). mix32's
+// first xorshift is split by linearity: with y the index lanes and k the key's term, (y ^ k) ^ ((y ^ k) >> 16) =
+// (y ^ y >> 16) ^ (k ^ k >> 16), so the index's half is the same expression for every buffer of a step (computed
+// once) and the key's a per-tensor constant: one xor per buffer where the xorshift took three operations. On the
+// bf16 kernels, bound by their vector ports, each operation of the hash costs time (AdamW draws three streams).
+C10_ALWAYS_INLINE IntLanes::R random_lanes_unfinished(const RandomKey& key, int64_t index) {
   using V = IntLanes;
-  V::R x = V::xor_lanes(V::add(V::set(uint32_t(index)), V::iota()), V::set(key.folded));
-  x = V::mul(V::xorshift<16>(x), V::constant<0x85ebca6bu>());  // storage.h's mix32
-  x = V::mul(V::xorshift<13>(x), V::constant<0xc2b2ae35u>());
-  return V::xorshift<16>(x);
+  const V::R lanes = V::add(V::set(uint32_t(index)), V::iota());
+  V::R x = V::xor_lanes(V::xorshift<16>(lanes), V::set(key.folded ^ (key.folded >> 16)));
+  x = V::mul(x, V::constant<0x85ebca6bu>());  // storage.h's mix32 from its first multiply
+  return V::mul(V::xorshift<13>(x), V::constant<0xc2b2ae35u>());
+}
+
+// storage.h's random_bits(key, index + lane) on every lane (the same bounds).
+C10_ALWAYS_INLINE IntLanes::R random_lanes(const RandomKey& key, int64_t index) {
+  return IntLanes::xorshift<16>(random_lanes_unfinished(key, index));
 }
 #endif
 
@@ -304,8 +313,8 @@ C10_ALWAYS_INLINE void paired_bf16_step(const TensorEntry& entry, const Policy& 
   const bool stochastic = policy.rounding == kStochastic;
   V::R draws[1 + kStates];
   if (stochastic) {  // before the loads and the math, as stored_update_body draws its words
-    if (!policy.has_kahan) draws[0] = random_lanes(store.param_key, i >> 1);
-    for (int k = 0; k < kStates; ++k) draws[1 + k] = random_lanes(store.state_keys[k], i >> 1);
+    if (!policy.has_kahan) draws[0] = random_lanes_unfinished(store.param_key, i >> 1);
+    for (int k = 0; k < kStates; ++k) draws[1 + k] = random_lanes_unfinished(store.state_keys[k], i >> 1);
   }
   Regs p, g, s[kStates > 0 ? kStates : 1];
   load_pairs(entry.param, i, p);
