@@ -5,7 +5,8 @@
 Spawns `--world` ranks (gloo on the CPU, NCCL with one GPU per rank when that many are present, on 127.0.0.1).
 Every rank holds the bench_step "transformer" parameter set sharded as FSDP2 shards it (``Shard(0)`` DTensors on
 a 1-D mesh, uneven rows included) with DTensor grads set once, and times ``step()`` of each implementation,
-interleaved in balanced rounds (common.round_orders), with a barrier (not timed) before each sample so the ranks step together.
+interleaved in balanced rounds (common.round_orders), with a barrier (not timed) before each sample so the
+ranks step together.
 Two variants per optimizer: the plain step, and the step with global-norm clipping (fusedopt: ``max_grad_norm``
 inside the step, one all-reduce of two numbers; torch: ``clip_grad_norm_`` on the DTensor grads, then the step).
 Rank 0 prints the median per implementation and fusedopt's speed-up over each (measured in the same run), and
@@ -26,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.bench_step import transformer_tensors
-from benchmarks.common import IMPLS, OPTIMIZERS, RESULTS_DIR, make_optimizer, result_stem, round_orders, run_metadata
+from benchmarks.common import (IMPLS, OPTIMIZERS, RESULTS_DIR, make_optimizer, result_stem, round_orders,
+                               run_metadata)
 
 MAX_GRAD_NORM = 1.0
 
@@ -75,12 +77,11 @@ def build_cases(spec_name, tensors, mesh, device, clip):
 
 def time_steps(fns, reps, warmup, device):
     names = list(fns)
-    orders = round_orders(names, warmup + reps)  # seeded: every rank runs the same order
-    for order in orders[:warmup]:
+    for order in round_orders(names, warmup, seed=1):  # seeded: every rank runs the same order
         for name in order:
             fns[name]()
     samples = {name: [] for name in names}
-    for order in orders[warmup:]:
+    for order in round_orders(names, reps):  # the timed rounds start a cycle of the design
         for name in order:
             dist.barrier()
             if device.type == "cuda":

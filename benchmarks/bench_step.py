@@ -218,13 +218,13 @@ def time_round_robin(fns: dict, reps: int, warmup: int, device: torch.device, pr
             prepare[name]()
         fns[name]()
 
-    orders = round_orders(names, warmup + reps)  # balanced for which call ran just before (see there)
-    for order in orders[:warmup]:
+    for order in round_orders(names, warmup, seed=1):
         for name in order:
             call(name)
     synchronize(device)
     raw = {name: [] for name in names}
-    for order in orders[warmup:]:
+    # balanced for which call ran just before (see there); the timed rounds start a cycle of the design
+    for order in round_orders(names, reps):
         for name in order:
             if prepare.get(name):
                 prepare[name]()

@@ -163,7 +163,9 @@ def round_orders(names, rounds: int, seed: int = 0) -> list[list]:
     the rounds are the rows of a Williams design (each row a permutation; over a cycle of n rows, 2n for an odd
     n, every name directly follows every other the same number of times within rounds, and an odd n's rows
     alternate with mirrored ones so that a partial cycle is near-balanced too), and each cycle relabels the
-    names by a seeded permutation, so that the joins between rounds do not favour one pair either."""
+    names by a seeded permutation, so that the joins between rounds do not favour one pair either. A caller's
+    timed rounds should start a cycle (a call of their own, not the tail of the warm-up's): bench_step's CPU
+    default, 10 rounds of 4 implementations and add_, is one whole cycle; --quick's 5 rounds are half of one."""
     names = list(names)
     n = len(names)
     if n == 0:

@@ -19,16 +19,16 @@ Variants of each scenario:
                                     step), fusedopt.lr_scheduler (per_step=True for per-iteration schedules)
   fusedopt own + CUDA graph         the previous one, forward + backward + step captured once (CUDA only)
 
-Method: every variant has its own copy of the same initial model and sees the same batches in the same order.
-After a warm-up (on CUDA a few seconds of matmuls first, to bring the GPU to its clocks, then --warmup
-iterations of every variant), the variants run interleaved in rounds (A B C ... B A C ..., each round's order
-from common.round_orders: every variant follows every other equally often), --iters iterations per turn; each turn is timed with a synchronize at both ends and gives one
-steps/s sample; we report medians over rounds. Inside each iteration the "optimizer phase" (clipping, scaler
-step/update, optimizer.step, scheduler step) is timed on the host (perf_counter) and, on CUDA, on the device
-(events around it). After the timed rounds, one extra iteration of each variant is profiled on CUDA to count
-kernels (device-side ops), launch calls and host syncs (torch.cuda.set_sync_debug_mode warnings); on the CPU
-those columns are "n/a". The final losses must agree across variants (same data, same math): they are printed
-as a check. Terminal table, JSON record and PNG chart under benchmarks/results/.
+Method: every variant has its own copy of the same initial model and sees the same batches in the same order. After
+a warm-up (on CUDA a few seconds of matmuls first, to bring the GPU to its clocks, then --warmup iterations of every
+variant), the variants run interleaved in rounds (A B C ... B A C ..., each round's order from common.round_orders:
+every variant follows every other equally often), --iters iterations per turn; each turn is timed with a synchronize
+at both ends and gives one steps/s sample; we report medians over rounds. Inside each iteration the "optimizer
+phase" (clipping, scaler step/update, optimizer.step, scheduler step) is timed on the host (perf_counter) and, on
+CUDA, on the device (events around it). After the timed rounds, one extra iteration of each variant is profiled on
+CUDA to count kernels (device-side ops), launch calls and host syncs (torch.cuda.set_sync_debug_mode warnings); on
+the CPU those columns are "n/a". The final losses must agree across variants (same data, same math): they are
+printed as a check. Terminal table, JSON record and PNG chart under benchmarks/results/.
 
 Defaults: CPU 2 warm-up iterations, 5 rounds of 3 iterations, a d=128 2-layer model (0.67M params): measured
 on 2 cores of an AMD EPYC shared with other jobs, 32 s at load average 1.6, 4 min 30 s at load average 5-8.
