@@ -64,7 +64,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -279,7 +279,7 @@ class StepCase:
     mode: str | None  # MODES key for fusedopt, None for torch
     bytes_per_elem: int
     skipped: str | None = None
-    extra: dict = field(default_factory=dict)
+    peer: LowPrecisionPeer | None = None  # impl "peer": the other library's optimizer it builds
 
 
 # --step-dtype: the low-precision param dtypes the step part times (both 2 bytes, so one byte model serves them).
@@ -292,12 +292,13 @@ class LowPrecisionPeer:
     label: str
     build: object  # (params, **the spec's kwargs) -> optimizer; may raise ImportError ("not installed")
     mode: str  # the MODES key it does the same work as
+    param_dtypes: tuple = (torch.bfloat16, torch.float16)  # where it does that work (elsewhere a skipped row)
 
 
-# The peers issue 11 names, per STEP_OPTIMIZERS key: torchao rounds stochastically (bf16 only), optimi sums with
-# Kahan compensation. Each gets the spec's hyperparameters, as torch's rows do.
+# The peers issue 11 names, per STEP_OPTIMIZERS key: torchao rounds stochastically (bf16 only: fp16 params it
+# rounds to nearest), optimi sums with Kahan compensation. Each gets the spec's hyperparameters, as torch's rows do.
 LOW_PRECISION_PEERS = {
-    "adamw": [LowPrecisionPeer("torchao _AdamW stochastic", _torchao_adamw, "stochastic"),
+    "adamw": [LowPrecisionPeer("torchao _AdamW stochastic", _torchao_adamw, "stochastic", (torch.bfloat16,)),
               LowPrecisionPeer("optimi AdamW kahan", _optimi_kahan_adamw, "kahan")],
     "sgd_momentum": [LowPrecisionPeer("optimi SGD kahan", _optimi_kahan_sgd, "kahan")],
 }
@@ -310,17 +311,15 @@ def step_cases(name: str, device, dtype) -> list[StepCase]:
         cases.append(StepCase(name, f"torch {impl}", impl, None, step_bytes_per_elem(spec, None),
                               skipped=probe(spec, impl, device, dtype)))
     for peer in LOW_PRECISION_PEERS.get(name, []):
-        # torchao's stochastic rounding is bf16's only: on fp16 params it would round to nearest
-        unlike = peer.mode == "stochastic" and dtype != torch.bfloat16
-        cases.append(StepCase(name, peer.label, "peer", peer.mode, step_bytes_per_elem(spec, peer.mode),
-                              skipped=f"rounds {dtype} to nearest" if unlike else None, extra={"build": peer.build}))
+        cases.append(StepCase(name, peer.label, "peer", peer.mode, step_bytes_per_elem(spec, peer.mode), peer=peer,
+                              skipped=None if dtype in peer.param_dtypes else f"not its {peer.mode} mode on {dtype}"))
     return cases
 
 
 def build_case(case: StepCase, spec, params, seed: int):
     """The optimizer a step case times: fusedopt with its mode's options, torch's implementation, or a peer."""
-    if case.impl == "peer":
-        return case.extra["build"](params, **spec.kwargs)
+    if case.peer is not None:
+        return case.peer.build(params, **spec.kwargs)
     options = dict(MODES[case.mode]) if case.mode else {}
     if options.get("param_rounding") == "stochastic":
         options["seed"] = seed
