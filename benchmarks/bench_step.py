@@ -9,8 +9,9 @@
 
 Workloads: transformer (24.6M params, 148 tensors), small (2,000 x 1,024), groups (the transformer in 4 param
 groups with lr multipliers and weight-decay splits), host (2,000 tensors of 4 elements: the kernel work is nil,
-so the step's time is the host's cost, timed on the host clock and reported per tensor) and large (~1.3B
-params, scaled to the free memory; CUDA only by default).
+so the step's time is the host's cost, timed on the host clock and reported per tensor), single (one tensor of
+4 elements, host clock: the step's fixed cost, what a model with few tensors pays at every step) and large
+(~1.3B params, scaled to the free memory; CUDA only by default).
 
 Modes (what changes between two steps; the change is made outside the timer): stable (the grads are set once
 and every step reuses them, the lr is constant: the most favourable case for a cached launch table), new-grads
@@ -21,10 +22,11 @@ Method: all implementations of one optimizer step the same parameter tensors (ea
 round-robin one step at a time, every implementation once per round, so clock or thermal drift hits them all
 alike, in orders balanced for which step ran just before (benchmarks/common.py's round_orders); we report
 medians. CPU samples are time.perf_counter around one step; CUDA samples are CUDA events around one step, after
-a synchronize, so launch overhead counts but earlier queued work does not (the host workload: perf_counter after
-a synchronize, on CUDA too). Bandwidth is the algorithm's minimum traffic (table in benchmarks/common.py) over
-the step time, given as a percentage of an in-place `a.add_(b)` over the same number of elements, timed in the
-same round-robin (a step streams more arrays at once than add_, so on some machines it can exceed 100%).
+a synchronize, so launch overhead counts but earlier queued work does not (the host and single workloads:
+perf_counter after a synchronize, on CUDA too). Bandwidth is the algorithm's minimum traffic (table in
+benchmarks/common.py) over the step time, given as a percentage of an in-place `a.add_(b)` over the same number
+of elements, timed in the same round-robin (a step streams more arrays at once than add_, so on some machines it
+can exceed 100%).
 "–" in the table: torch has no such implementation (e.g. fused=True for Adadelta); the JSON says why.
 
 Defaults: CPU 10 timed steps after 2 warm-up, CUDA 50 after 10. --quick: 5 (CPU) or 20 (CUDA) steps and a
@@ -67,6 +69,7 @@ class Workload:
     tensors: list[tuple[str, tuple[int, ...]]]  # (role, shape); role picks the param group in "groups"
     grouped: bool = False
     note: str = ""
+    host_clock: bool = False  # timed on the host clock even on CUDA: the kernel work is nil, the host's cost is all
 
     @property
     def numel(self) -> int:
@@ -88,8 +91,8 @@ def transformer_tensors(layers: int, d: int, vocab: int, ctx: int) -> list[tuple
 GROUPS = {"emb": (0.5, 0.0), "attn": (1.0, 0.01), "mlp": (2.0, 0.01), "vec": (1.0, 0.0)}
 
 HOST_TENSORS, HOST_TENSOR_NUMEL = 2000, 4  # the "host" workload: many tiny tensors (norms, biases, adapters)
-WORKLOADS = ["transformer", "small", "groups", "host", "large"]
-DEFAULT_WORKLOADS = ["transformer", "small", "groups", "host"]  # + large on CUDA
+WORKLOADS = ["transformer", "small", "groups", "host", "single", "large"]
+DEFAULT_WORKLOADS = ["transformer", "small", "groups", "host", "single"]  # + large on CUDA
 
 LARGE_SHAPE = dict(layers=24, d=2048, vocab=50304, ctx=2048)  # ~1.3B parameters, GPT-2-XL-sized
 
@@ -124,7 +127,11 @@ def build_workloads(names, device, quick, specs, itemsize) -> tuple[list[Workloa
         elif name == "host":
             # the kernel work is nil: what is left is the host's cost per tensor (timed on the host clock)
             out.append(Workload(name, [("vec", (HOST_TENSOR_NUMEL,))] * HOST_TENSORS,
-                                note=f"{HOST_TENSORS} x {HOST_TENSOR_NUMEL}, host clock"))
+                                note=f"{HOST_TENSORS} x {HOST_TENSOR_NUMEL}, host clock", host_clock=True))
+        elif name == "single":
+            # one tiny tensor: the step's fixed host cost (Python, the op call), what a model with few tensors pays
+            out.append(Workload(name, [("vec", (HOST_TENSOR_NUMEL,))], note=f"1 x {HOST_TENSOR_NUMEL}, host clock",
+                                host_clock=True))
         elif name == "large":
             per_layer = 12 * LARGE_SHAPE["d"] ** 2 + 13 * LARGE_SHAPE["d"]
             fixed = (LARGE_SHAPE["vocab"] + LARGE_SHAPE["ctx"]) * LARGE_SHAPE["d"]
@@ -256,7 +263,7 @@ def bench_case(workload, params, base_grads, dtype_name, device, spec_name, mode
     opts = {impl: make_optimizer(spec, impl, param_groups(workload, params, spec))
             for impl, why in why_not.items() if why is None}
     prepare = {impl: make_prepare(mode, params, base_grads, o) for impl, o in opts.items()}
-    host_clock = workload.name == "host"
+    host_clock = workload.host_clock
     samples = time_round_robin({**{i: o.step for i, o in opts.items()}, "add_": add_ref}, reps, warmup, device,
                                prepare, host_clock)
     finite = all(bool(torch.isfinite(p).all()) for p in params)
@@ -313,8 +320,8 @@ def print_table(records, file=None):
               "master move more: benchmarks/bench_low_precision.py has the per-mode byte model).", file=file)
     print("mode: stable = same grads and lr every step; new-grads = new grad tensors before every step; "
           "varying-lr = a new float lr every step; realistic = both.", file=file)
-    print("host workload: timed on the host clock (the kernel work is nil); us/tensor = median / tensors.",
-          file=file)
+    print("host and single workloads: timed on the host clock (the kernel work is nil); us/tensor = median / "
+          "tensors (single: the step's fixed cost).", file=file)
     per_elem = dict.fromkeys(f"{r['optimizer']} {r['dtype']} {r['bytes_per_elem']}" for r in records)
     print("GB/s counts the minimum traffic per element (benchmarks/common.py), in bytes: " + ", ".join(per_elem)
           + f"; add_ moves {ADD_ARRAYS} arrays.", file=file)

@@ -35,16 +35,19 @@ class AlgorithmSpec:
         self.enabled_by = {name: option for name, option in declared["states"]}  # "" = always used
         self.scalars = tuple(declared["scalars"])
         self.momentum = declared["momentum"] or None  # the hyperparameter a cycling schedule drives
+        self.hyper_after_lr = self.hyper[1:]  # what a class's _hyper names (the base reads group["lr"])
+        # the names each of a class's methods must return, as sets: checked at every step
+        self._names_of = {"_options": frozenset(self.options), "_hyper": frozenset(self.hyper_after_lr)}
 
     def option_values(self, owner, named):
         """The options in declaration order, from the class's {name: value}."""
-        self._same_names(owner, "_options", named, self.options)
+        self._same_names(owner, "_options", named)
         return tuple(bool(named[name]) for name in self.options)
 
     def hyper_values(self, owner, named):
         """The hyperparameters after lr in declaration order, from the class's {name: value}."""
-        self._same_names(owner, "_hyper", named, self.hyper[1:])
-        return [float(named[name]) for name in self.hyper[1:]]
+        self._same_names(owner, "_hyper", named)
+        return [float(named[name]) for name in self.hyper_after_lr]
 
     def active_states(self, options):
         """The state buffers these option values use, with None where a buffer is unused."""
@@ -52,8 +55,9 @@ class AlgorithmSpec:
         return tuple(name if not self.enabled_by[name] or on[self.enabled_by[name]] else None
                      for name in self.states)
 
-    def _same_names(self, owner, method, named, expected):
-        if set(named) != set(expected):
+    def _same_names(self, owner, method, named):
+        expected = self._names_of[method]
+        if named.keys() != expected:  # a keys view against a set: no set built per step
             raise TypeError(f"{type(owner).__name__}.{method} must name exactly {sorted(expected)} (the declaration "
                             f"of {self.op} in csrc/algorithms/), got {sorted(named)}")
 
@@ -96,6 +100,12 @@ def param_rounding_modes():
 
 def none_has_grad(params):
     return _C.none_has_grad(params)
+
+
+def record_function_observed():
+    """Whether a profiler or another RecordFunction observer is registered: without one, entering a
+    ``torch.autograd.profiler.record_function`` range records nothing. True without the extension (unknown)."""
+    return _C.record_function_observed() if EXTENSION_AVAILABLE else True
 
 
 def op(name):

@@ -5,6 +5,7 @@ import zlib
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import (
@@ -374,6 +375,39 @@ def test_add_param_group_mid_training(entry, opt_id, device):
     assert _hyper(fused.param_groups[2]) == _hyper(ref.param_groups[2])
     train(fused, problem, fp, half, STEPS)
     train(ref, problem, rp, half, STEPS)
+    assert_matches(fused, fp, ref, rp, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("entry", entry_params())
+def test_step_is_seen_as_torch_shows_it(entry):
+    """torch's step wrapper enters the profiler range "Optimizer.step#<class>.step" and runs the global step
+    hooks; fusedopt's (FusedOptimizer.profile_hook_step) skips it only while nothing would see it, so both show
+    under a profiler and with global hooks, and the steps with and without them update as torch's do."""
+    problem = Problem("groups", "cpu", seed=5)
+    fp, rp = problem.params(torch.float32), problem.params(torch.float32)
+    fused = entry.fused_cls(problem.param_arg(fp, entry.group_overrides), **_rich(entry))
+    ref = entry.torch_cls(problem.param_arg(rp, entry.group_overrides), **_rich(entry))
+    name = f"Optimizer.step#{type(fused).__name__}.step"
+    log = []
+    for step in range(4):
+        problem.set_grads(fp, step)
+        problem.set_grads(rp, step)
+        ref.step()
+        if step == 1:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fused.step()
+            assert [e.name for e in prof.events()].count(name) == 1, f"no {name} range under the profiler"
+        elif step == 2:
+            pre = register_optimizer_step_pre_hook(lambda o, a, k: log.append(("pre", o)))
+            post = register_optimizer_step_post_hook(lambda o, a, k: log.append(("post", o)))
+            try:
+                fused.step()
+            finally:
+                pre.remove()
+                post.remove()
+        else:
+            fused.step()
+    assert log == [("pre", fused), ("post", fused)], "the global step hooks must run once each, around the step"
     assert_matches(fused, fp, ref, rp, **TOLERANCES[torch.float32])
 
 

@@ -3,6 +3,7 @@ tensors, max_grad_norm and the schedule to advance leave the table as it was, an
 changes every step rewrites only the group entries (issues 8 and 13). Also: a NaN grad under clipping without a
 scaler behaves as torch's clip_grad_norm_ (the factor is NaN). CPU always; CUDA through conftest.DEVICES."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,12 +108,27 @@ def test_nan_grad_with_clipping_and_no_scaler_matches_clip_grad_norm(device, nam
         assert torch.isnan(fp).all(), f"param {i}: a NaN grad norm must make every update NaN, as in torch"
 
 
-class _Plan:
-    launches_by_device = {"gpu0": ["a", "b"], "gpu1": ["c"]}
-
-
-NO_SCALER = {"gpu0": (None, None, None), "gpu1": (None, None, None)}
 REDUCE, UPDATE, RESET = 1, 2, 4  # StepPhase in csrc/step_table.h
+
+
+class _Plan:  # what _calls reads of a plan, as _Plan.add_launches builds it (test_plan_indexes_its_launches)
+    launches_by_device = {"gpu0": ["a", "b"], "gpu1": ["c"]}
+    no_scaling = {"gpu0": (None, None, None), "gpu1": (None, None, None)}
+    update_calls = [("a", UPDATE), ("b", UPDATE), ("c", UPDATE)]
+
+
+NO_SCALER = _Plan.no_scaling
+
+
+def test_plan_indexes_its_launches():
+    """A plan's launches by device (in first-seen order), and the usual step's scaling and calls built once."""
+    launches = [SimpleNamespace(device=device) for device in ("gpu0", "gpu1", "gpu0")]
+    plan = fusedopt.optimizer._Plan.__new__(fusedopt.optimizer._Plan)
+    plan.launches_by_device = {}
+    plan.add_launches(launches)
+    assert plan.launches_by_device == {"gpu0": [launches[0], launches[2]], "gpu1": [launches[1]]}
+    assert plan.no_scaling == {"gpu0": (None, None, None), "gpu1": (None, None, None)}
+    assert plan.update_calls == [(launches[0], UPDATE), (launches[2], UPDATE), (launches[1], UPDATE)]
 
 
 def _call_order(optimizer, plan, scaling, monkeypatch):
@@ -137,6 +153,9 @@ def test_launch_phases_per_device(monkeypatch):
     device decides alone (one launch: reduce + update together; several: all reduce, then all update)."""
     optimizer = fusedopt.FusedAdamW([torch.zeros(1, requires_grad=True)])
     assert _call_order(optimizer, _Plan, NO_SCALER, monkeypatch) == [("a", UPDATE), ("b", UPDATE), ("c", UPDATE)]
+    # a scaler whose verdict came before the step (GradScaler's newer contract) needs no statistics either
+    verdict_given = {device: ("scale", "found_inf", None) for device in _Plan.launches_by_device}
+    assert _call_order(optimizer, _Plan, verdict_given, monkeypatch) == [("a", UPDATE), ("b", UPDATE), ("c", UPDATE)]
     in_step_scaler = {device: ("scale", None, "found_inf") for device in _Plan.launches_by_device}
     assert _call_order(optimizer, _Plan, in_step_scaler, monkeypatch) == [
         ("a", REDUCE), ("b", REDUCE), ("a", UPDATE), ("b", UPDATE | RESET), ("c", REDUCE | UPDATE | RESET)]
