@@ -285,7 +285,8 @@ void check_lists(const StepInputs& in) {
               in.num_hyper, " hyperparameters for each of ", num_groups, " groups, got ", in.hyper.size());
   TORCH_CHECK(in.lrs.size() == num_groups, "fusedopt.", op, ": expected one lr entry per group");
   int64_t previous_end = 0;
-  for (int64_t end : in.group_ends) {
+  for (size_t g = 0; g < num_groups; ++g) {
+    const int64_t end = in.group_ends[g];
     TORCH_CHECK(end >= previous_end, "fusedopt.", op, ": group_ends must be non-decreasing");
     previous_end = end;
   }
@@ -483,7 +484,7 @@ void finish_prepare(const StepInputs& in, const StoragePolicy& storage, Prepared
   bool groups_changed = false;
   for (int64_t g = 0; g < num_groups; ++g) {
     GroupEntry entry{};
-    std::copy_n(in.hyper.data() + g * in.num_hyper, in.num_hyper, entry.hyper);
+    for (int64_t k = 0; k < in.num_hyper; ++k) entry.hyper[k] = in.hyper[g * in.num_hyper + k];
     const std::optional<at::Tensor> lr = in.lrs.get(g);
     if (lr.has_value() && lr->defined()) {
       entry.lr_tensor = lr->data_ptr();

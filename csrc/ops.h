@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -33,6 +34,29 @@ class TensorSpan {
   size_t size() const { return items_.size(); }
   bool empty() const { return items_.empty(); }
   const at::Tensor& operator[](size_t i) const { return items_[i].toTensor(); }
+
+ private:
+  c10::ArrayRef<c10::IValue> items_;
+};
+
+// An int[] or float[] argument read in place from the boxed call's stack. A c10::List keeps its elements as
+// IValues, so toIntVector()/toDoubleVector() copy them into a new vector at every call: for fresh_state, one flag
+// per tensor, an allocation large enough to make glibc consolidate its free lists (every grad the last backward
+// freed, cold) inside the step, twice per step.
+template <typename T>
+class ScalarSpan {
+ public:
+  ScalarSpan() = default;
+  explicit ScalarSpan(c10::ArrayRef<c10::IValue> items) : items_(items) {}
+  size_t size() const { return items_.size(); }
+  bool empty() const { return items_.empty(); }
+  T operator[](size_t i) const {
+    if constexpr (std::is_same_v<T, double>) {
+      return items_[i].toDouble();
+    } else {
+      return items_[i].toInt();
+    }
+  }
 
  private:
   c10::ArrayRef<c10::IValue> items_;
@@ -66,9 +90,9 @@ struct StepInputs {
   TensorSpan grads;
   std::vector<TensorSpan> states;   // the state lists these options use, in declaration order
   std::vector<TensorSpan> scalars;  // one list per declared scalar (kScalars)
-  std::vector<int64_t> fresh_state; // empty, or one 0/1 per tensor
-  std::vector<int64_t> group_ends;
-  std::vector<double> hyper;        // num_hyper per group
+  ScalarSpan<int64_t> fresh_state;  // empty, or one 0/1 per tensor
+  ScalarSpan<int64_t> group_ends;
+  ScalarSpan<double> hyper;         // num_hyper per group
   int64_t num_hyper;
   OptionalTensorList lrs;
   at::Tensor host_table;
@@ -94,14 +118,16 @@ class BoxedArgs {
     const c10::IValue& value = (*this)[name];
     return value.isNone() ? TensorSpan() : TensorSpan(value.toListRef());
   }
+  ScalarSpan<int64_t> ints(std::string_view name) const { return ScalarSpan<int64_t>((*this)[name].toListRef()); }
+  ScalarSpan<double> doubles(std::string_view name) const { return ScalarSpan<double>((*this)[name].toListRef()); }
   bool flag(std::string_view name) const { return (*this)[name].toBool(); }
   OptionalTensor optional(std::string_view name) const { return (*this)[name].toOptional<at::Tensor>(); }
 
   // Everything but the state lists and scalars, which the algorithm picks from its declaration.
   StepInputs inputs(std::string_view op_name, int64_t num_hyper, int64_t momentum_slot) const {
     const BoxedArgs& a = *this;
-    return StepInputs{op_name, a.tensors("params"), a.tensors("grads"), {}, {}, a["fresh_state"].toIntVector(),
-                      a["group_ends"].toIntVector(), a["hyper"].toDoubleVector(), num_hyper,
+    return StepInputs{op_name, a.tensors("params"), a.tensors("grads"), {}, {}, a.ints("fresh_state"),
+                      a.ints("group_ends"), a.doubles("hyper"), num_hyper,
                       a["lrs"].to<OptionalTensorList>(), a["host_table"].toTensor(), a["device_table"].toTensor(),
                       momentum_slot,
                       StepExtras{a["momenta"].to<OptionalTensorList>(), a.optional("grad_scale"), a.optional("skip_if"),
