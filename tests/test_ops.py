@@ -74,6 +74,26 @@ def test_lists_of_wrong_length_are_rejected_before_any_write():
     assert all(torch.equal(a, b) for a, b in zip(params, kwargs["params"]))
 
 
+@pytest.mark.parametrize("argument,spoil,message", [
+    ("group_ends", lambda ends: ends[::-1], "group_ends must be non-decreasing"),
+    ("group_ends", lambda ends: ends[:-1] + [ends[-1] - 1], "group_ends must end at the number of params"),
+    ("hyper", lambda hyper: hyper[:-1], "hyperparameters for each of 2 groups, got 7"),
+    ("fresh_state", lambda flags: flags[:-1], "got 4 params but 3 fresh_state flags"),
+])
+def test_list_arguments_are_checked_before_any_write(argument, spoil, message):
+    """The int[] and float[] arguments, read in place from the call (ScalarSpan): a wrong one raises, naming it,
+    before any param or state changes."""
+    optimizer = _optimizer_with_grads(fusedopt.FusedSGD, dict(lr=0.01, momentum=0.9), "cpu")
+    op, kwargs = optimizer._op_invocations()[0]
+    assert len(kwargs["fresh_state"]) == 4 and kwargs["group_ends"] == [2, 4]
+    written = [t.detach().clone() for t in kwargs["params"] + kwargs["momentum_buffer"]]
+    with pytest.raises(RuntimeError, match=message):
+        op(**{**kwargs, argument: spoil(list(kwargs[argument]))})
+    assert all(torch.equal(a, b) for a, b in zip(written, kwargs["params"] + kwargs["momentum_buffer"]))
+    op(**kwargs)  # the same call with its own lists runs
+    assert not torch.equal(written[1], kwargs["params"][1])
+
+
 def test_table_is_rewritten_only_when_pointers_or_hyperparameters_change():
     optimizer = _optimizer_with_grads(fusedopt.FusedAdam, dict(lr=0.01), "cpu")
     optimizer.step()
