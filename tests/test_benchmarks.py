@@ -53,9 +53,9 @@ def test_bench_step_modes_change_what_they_claim(mode):
 
 
 @needs_extension
-def test_bench_step_host_workload_and_dash_for_missing_torch_impls(tmp_path, capsys):
-    records = bench_step.main(["--optimizers", "adadelta", "--workloads", "host", "--modes", "stable", "realistic",
-                               "--reps", "2", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)])
+def test_bench_step_host_workloads_and_dash_for_missing_torch_impls(tmp_path, capsys):
+    records = bench_step.main(["--optimizers", "adadelta", "--workloads", "host", "single", "--modes", "stable",
+                               "realistic", "--reps", "2", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert {r["mode"] for r in records} == {"stable", "realistic"}
     fused = [r for r in records if r["impl"] == "fused"]
@@ -63,8 +63,10 @@ def test_bench_step_host_workload_and_dash_for_missing_torch_impls(tmp_path, cap
     assert "not supported" not in out and "–" in out
     timed = [r for r in records if "median_s" in r]
     assert {r["impl"] for r in timed} == {"fusedopt", "forloop", "foreach"}
+    assert {r["workload"] for r in timed} == {"host", "single"}
     for r in timed:
-        assert r["n_tensors"] == bench_step.HOST_TENSORS and r["clock"] == "host" and r["params_finite"]
+        tensors = bench_step.HOST_TENSORS if r["workload"] == "host" else 1  # single: the step's fixed cost
+        assert r["n_tensors"] == tensors and r["clock"] == "host" and r["params_finite"]
         assert math.isclose(r["us_per_tensor"], 1e6 * r["median_s"] / r["n_tensors"])
     saved = json.loads(next(tmp_path.glob("bench_step_cpu*.json")).read_text())
     assert saved["results"] == json.loads(json.dumps(records)) and saved["meta"]["duration_s"] > 0
