@@ -161,17 +161,6 @@ class _ScheduleSet:
         _ops.op("advance_schedule_")(self.lrs, self.state, self.program, self.momenta, None)
 
 
-def _step_post_hook(optimizer, args, kwargs):
-    """torch's loop steps its schedulers whether or not any param had a grad; the fused launch advances a
-    per-step schedule only when it runs, so a step without one advances it here."""
-    schedules = getattr(optimizer, "_device_schedule", None)
-    if not isinstance(schedules, _ScheduleSet) or not schedules.per_step:
-        return
-    plan = getattr(optimizer, "_plan", None)
-    if plan is None or not any(getattr(launch, "advances_schedule", False) for launch in plan.launches):
-        schedules._advance()
-
-
 class _DeviceSchedule:
     """What the fused kernel and the op read: ``lrs`` (f64 [G]), ``momenta`` (f64 [G] or None), ``program``
     (f64 [G, P]), ``state`` (f64 [G, S]), ``per_step``. All schedulers of one optimizer share ``lrs`` (and
@@ -213,9 +202,8 @@ class _DeviceSchedule:
             stepping = [s for s in existing.stepping if not any(s is t for t in taken_over)]
         if self.per_step:
             stepping.append(self)
+        # FusedOptimizer.step advances a per-step set itself when no launch of its step did
         optimizer._device_schedule = _ScheduleSet(optimizer, self._shared, stepping)
-        if getattr(optimizer, "_fusedopt_schedule_hook", None) is None:
-            optimizer._fusedopt_schedule_hook = optimizer.register_step_post_hook(_step_post_hook)
 
     def _set_program(self, rows, states):
         self._program_host = torch.tensor(rows, dtype=_F64)

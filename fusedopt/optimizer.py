@@ -109,6 +109,7 @@ class _Plan:
         self.launches = []
         self.launches_by_device = {}
         self.guard = None  # fusedopt._C.PlanGuard over the containers and tensors the plan was read from
+        self.advances_schedule = False  # one of its launches advances the per-step device schedule
 
     def still_valid(self, optimizer):
         groups = optimizer.param_groups
@@ -428,6 +429,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             on_device = plan.launches_by_device.get(schedule.lrs.device)
             if on_device:
                 on_device[-1].advances_schedule = True  # after every other launch on that device has read the lrs
+                plan.advances_schedule = True
         for launch in plan.launches:
             launch.allocate_tables()
             self._cache_call(launch)
@@ -630,6 +632,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     launch.fresh_state = [0] * len(launch.params)  # torch's buffers exist from now on
                     launch.any_fresh = False
                     self._cache_call(launch)
+            if schedule is not None and schedule.per_step and not plan.advances_schedule:
+                # torch's loop steps its schedulers whether or not any param had a grad; a launch advances a
+                # per-step schedule only when one runs on its device, so a step without one advances it here
+                # (here rather than in a step post hook, which would cost every step torch's hook wrapper)
+                schedule._advance()
         finally:
             torch._C._set_grad_enabled(grad_enabled)
         return loss

@@ -691,6 +691,8 @@ def test_per_step_schedule_advances_on_a_step_without_grads():
     fused, fused_p, ref, torch_p = _ones_grad_pair()
     sched = fused_sched.StepLR(fused, 2, 0.5, per_step=True)
     ref_sched = torch_sched.StepLR(ref, 2, 0.5)
+    # the fused step advances it itself: no step hook, which would put every step through torch's hook wrapper
+    assert not fused._optimizer_step_pre_hooks and not fused._optimizer_step_post_hooks
     for step in range(7):
         grad = None if step in (1, 2, 5) else torch.ones_like(fused_p)
         fused_p.grad, torch_p.grad = grad, None if grad is None else grad.clone()
