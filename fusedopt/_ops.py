@@ -42,7 +42,7 @@ class AlgorithmSpec:
     def option_values(self, owner, named):
         """The options in declaration order, from the class's {name: value}."""
         self._same_names(owner, "_options", named)
-        return tuple(bool(named[name]) for name in self.options)
+        return tuple([bool(named[name]) for name in self.options])  # a list first: no generator per group and step
 
     def hyper_values(self, owner, named):
         """The hyperparameters after lr in declaration order, from the class's {name: value}."""

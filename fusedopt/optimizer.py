@@ -447,7 +447,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for index in launch.group_indices:
             group = self.param_groups[index]
             lr = group["lr"]
-            if torch.is_tensor(lr) and lr.device == launch.device and lr.dtype in (torch.float32, torch.float64):
+            if isinstance(lr, torch.Tensor) and lr.device == launch.device and lr.dtype in (torch.float32, torch.float64):
                 lrs.append(lr)  # read by the kernel at launch time: no host sync, graph-capturable
                 hyper.append(0.0)
             else:
