@@ -24,34 +24,23 @@ namespace fusedopt {
 using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
 using OptionalTensor = std::optional<at::Tensor>;
 
-// A tensor-list argument read in place from the boxed call's stack. The ops are registered as boxed kernels
-// so that a step reads its thousands of tensors where the caller put them: the unboxed wrapper would copy
-// every list into a std::vector<at::Tensor> (a reference count up and down per tensor) on every call.
-class TensorSpan {
- public:
-  TensorSpan() = default;
-  explicit TensorSpan(c10::ArrayRef<c10::IValue> items) : items_(items) {}
-  size_t size() const { return items_.size(); }
-  bool empty() const { return items_.empty(); }
-  const at::Tensor& operator[](size_t i) const { return items_[i].toTensor(); }
-
- private:
-  c10::ArrayRef<c10::IValue> items_;
-};
-
-// An int[] or float[] argument read in place from the boxed call's stack. A c10::List keeps its elements as
-// IValues, so toIntVector()/toDoubleVector() copy them into a new vector at every call: for fresh_state, one flag
-// per tensor, an allocation large enough to make glibc consolidate its free lists (every grad the last backward
-// freed, cold) inside the step, twice per step.
+// A list argument (Tensor[], int[], float[]) read in place from the boxed call's stack, its elements as the
+// IValues the list holds. The ops are registered as boxed kernels so that a step reads its thousands of tensors
+// where the caller put them: the unboxed wrapper would copy every list into a std::vector<at::Tensor> (a
+// reference count up and down per tensor) on every call. Likewise toIntVector()/toDoubleVector() would copy an
+// int[]/float[] at every call: for fresh_state, one flag per tensor, an allocation large enough to make glibc
+// consolidate its free lists (every grad the last backward freed, cold) inside the step.
 template <typename T>
-class ScalarSpan {
+class ListSpan {
  public:
-  ScalarSpan() = default;
-  explicit ScalarSpan(c10::ArrayRef<c10::IValue> items) : items_(items) {}
+  ListSpan() = default;
+  explicit ListSpan(c10::ArrayRef<c10::IValue> items) : items_(items) {}
   size_t size() const { return items_.size(); }
   bool empty() const { return items_.empty(); }
-  T operator[](size_t i) const {
-    if constexpr (std::is_same_v<T, double>) {
+  decltype(auto) operator[](size_t i) const {  // a tensor by const reference, a number by value
+    if constexpr (std::is_same_v<T, at::Tensor>) {
+      return items_[i].toTensor();
+    } else if constexpr (std::is_same_v<T, double>) {
       return items_[i].toDouble();
     } else {
       return items_[i].toInt();
@@ -61,6 +50,7 @@ class ScalarSpan {
  private:
   c10::ArrayRef<c10::IValue> items_;
 };
+using TensorSpan = ListSpan<at::Tensor>;
 
 // The arguments every step op takes after its options (the schema tail in ops.cpp): a device-read momentum
 // per group (in the table), gradient unscaling / skipping / clipping and a per-step LR schedule to advance
@@ -90,9 +80,9 @@ struct StepInputs {
   TensorSpan grads;
   std::vector<TensorSpan> states;   // the state lists these options use, in declaration order
   std::vector<TensorSpan> scalars;  // one list per declared scalar (kScalars)
-  ScalarSpan<int64_t> fresh_state;  // empty, or one 0/1 per tensor
-  ScalarSpan<int64_t> group_ends;
-  ScalarSpan<double> hyper;         // num_hyper per group
+  ListSpan<int64_t> fresh_state;  // empty, or one 0/1 per tensor
+  ListSpan<int64_t> group_ends;
+  ListSpan<double> hyper;         // num_hyper per group
   int64_t num_hyper;
   OptionalTensorList lrs;
   at::Tensor host_table;
@@ -118,8 +108,8 @@ class BoxedArgs {
     const c10::IValue& value = (*this)[name];
     return value.isNone() ? TensorSpan() : TensorSpan(value.toListRef());
   }
-  ScalarSpan<int64_t> ints(std::string_view name) const { return ScalarSpan<int64_t>((*this)[name].toListRef()); }
-  ScalarSpan<double> doubles(std::string_view name) const { return ScalarSpan<double>((*this)[name].toListRef()); }
+  ListSpan<int64_t> ints(std::string_view name) const { return ListSpan<int64_t>((*this)[name].toListRef()); }
+  ListSpan<double> doubles(std::string_view name) const { return ListSpan<double>((*this)[name].toListRef()); }
   bool flag(std::string_view name) const { return (*this)[name].toBool(); }
   OptionalTensor optional(std::string_view name) const { return (*this)[name].toOptional<at::Tensor>(); }
 

@@ -59,7 +59,6 @@ class _Launch:
         self.extras = []
         self.scalar_lists = None  # one list per scalar state of the op (`step`, ...)
         self.fresh_state = []  # buffers that torch would create from this step's gradient (classes that need it)
-        self.any_fresh = False  # any(fresh_state), kept so that a step does not scan the list
         self.group_indices = []  # param_groups index of each of this launch's groups
         self.group_ends = []
         self.host_table = self.device_table = None
@@ -84,7 +83,6 @@ class _Launch:
         for column, scalar in zip(self.scalar_lists, scalars):
             column.append(scalar)
         self.fresh_state.append(int(fresh))
-        self.any_fresh = self.any_fresh or bool(fresh)
         if extra is not None:
             self.extras.append(_distributed.local(extra))
         self.group_ends[-1] = len(self.params)
@@ -431,6 +429,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 on_device[-1].advances_schedule = True  # after every other launch on that device has read the lrs
                 plan.advances_schedule = True
         for launch in plan.launches:
+            if not any(launch.fresh_state):
+                launch.fresh_state = []  # the op reads an empty list as no fresh buffer; a step tests it in O(1)
             launch.allocate_tables()
             self._cache_call(launch)
         plan.distributed = _distributed.plan_reduction(self, plan)
@@ -497,13 +497,14 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _scaling(self, plan, grad_scaler):
         """Per device: (grad_scale, skip_if, found_inf) op arguments for this step's GradScaler, if any."""
-        devices = list(plan.launches_by_device)
         if grad_scaler is None:
             grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
             if grad_scale is None and found_inf is None:
                 return plan.no_scaling
             # GradScaler's newer contract: it has checked the grads already and hands over its verdict.
-            return {device: (self._on(grad_scale, device), self._on(found_inf, device), None) for device in devices}
+            return {device: (self._on(grad_scale, device), self._on(found_inf, device), None)
+                    for device in plan.launches_by_device}
+        devices = list(plan.launches_by_device)
         scaler_state = grad_scaler._per_optimizer_states[id(self)]
         if scaler_state["stage"] is OptState.READY and len(devices) > 1:
             # One verdict must cover every device before any updates: let torch check (and unscale) first.
@@ -628,9 +629,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             finally:
                 plan.release()
             for launch in plan.launches:
-                if self._state_created_per_key and launch.any_fresh:
-                    launch.fresh_state = [0] * len(launch.params)  # torch's buffers exist from now on
-                    launch.any_fresh = False
+                if self._state_created_per_key and launch.fresh_state:
+                    launch.fresh_state = []  # torch's buffers exist from now on
                     self._cache_call(launch)
             if schedule is not None and schedule.per_step and not plan.advances_schedule:
                 # torch's loop steps its schedulers whether or not any param had a grad; a launch advances a
